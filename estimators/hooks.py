@@ -1,0 +1,113 @@
+"""Training hooks: progress lines, early stopping, and the model_fn wrapper
+that attaches them to any Estimator (canned, custom or Keras)."""
+
+import logging
+import time
+
+import tensorflow as tf
+
+log = logging.getLogger('estpipe')
+
+# Eval metrics shown in progress lines, when the model reports them.
+_PROGRESS_METRICS = ('accuracy', 'auc', 'rmse', 'mae', 'average_loss', 'loss')
+
+
+class ProgressHook(tf.estimator.SessionRunHook):
+  """Logs step, loss, examples/sec and the latest eval metrics.
+
+  Examples/sec counts this process's steps times the global batch size.
+  """
+
+  def __init__(self, loss, every_n_steps, batch_size, eval_dir):
+    self._loss = loss
+    self._every = every_n_steps
+    self._batch_size = batch_size
+    self._eval_dir = eval_dir
+    self._steps = 0
+    self._last = None
+
+  def begin(self):
+    self._global_step = tf.compat.v1.train.get_global_step()
+
+  def before_run(self, run_context):
+    self._steps += 1
+    if self._steps == 1 or self._steps % self._every == 0:
+      return tf.estimator.SessionRunArgs(
+          {'loss': self._loss, 'step': self._global_step})
+    return None
+
+  def after_run(self, run_context, run_values):
+    if not run_values.results:
+      return
+    now = time.time()
+    step, loss = run_values.results['step'], run_values.results['loss']
+    rate = ''
+    if self._last is not None:
+      steps, then = self._steps - self._last[0], self._last[1]
+      rate = f' examples/sec {steps * self._batch_size / (now - then):.0f}'
+    self._last = (self._steps, now)
+    log.info('step %d loss %.4f%s%s', step, loss, rate, self._eval_text())
+
+  def _eval_text(self):
+    try:
+      evals = tf.estimator.experimental.read_eval_metrics(self._eval_dir)
+    except tf.errors.OpError:
+      return ''
+    if not evals:
+      return ''
+    step = max(evals)
+    shown = [f'{k} {evals[step][k]:.4f}' for k in _PROGRESS_METRICS
+             if k in evals[step]]
+    return f' | eval@{step}: ' + ', '.join(shown) if shown else ''
+
+
+def regression_metrics(labels, predictions):
+  """RMSE and MAE, which the canned regressors do not report themselves."""
+  values = predictions['predictions']
+  labels = tf.reshape(tf.cast(labels, values.dtype), tf.shape(values))
+  return {
+      'rmse': tf.compat.v1.metrics.root_mean_squared_error(labels, values),
+      'mae': tf.compat.v1.metrics.mean_absolute_error(labels, values),
+  }
+
+
+def with_progress(estimator, config, warm_start_from=None, extra_metrics=None):
+  """The same Estimator, its model_fn wrapped to add a ProgressHook.
+
+  Works for any model_fn (as tf.estimator.add_metrics does), so canned,
+  custom and Keras Estimators report progress the same way. The warm start
+  given here replaces the Estimator's own (Keras Estimators warm-start from
+  the Keras model's initial weights; a configured warm start wins).
+  """
+  inner = estimator.model_fn
+  every = config.train.log_step_count_steps
+  batch_size = config.train.batch_size
+  eval_dir = estimator.eval_dir()
+
+  def model_fn(features, labels, mode, config):  # pylint: disable=redefined-outer-name
+    spec = inner(features, labels, mode, config)
+    if mode == tf.estimator.ModeKeys.TRAIN:
+      hook = ProgressHook(spec.loss, every, batch_size, eval_dir)
+      spec = spec._replace(training_hooks=list(spec.training_hooks) + [hook])
+    if mode == tf.estimator.ModeKeys.EVAL and extra_metrics:
+      metrics = dict(spec.eval_metric_ops)
+      metrics.update(extra_metrics(labels, spec.predictions))
+      spec = spec._replace(eval_metric_ops=metrics)
+    return spec
+
+  warm = warm_start_from or estimator._warm_start_settings  # pylint: disable=protected-access
+  return tf.estimator.Estimator(model_fn=model_fn,
+                                model_dir=estimator.model_dir,
+                                config=estimator.config,
+                                warm_start_from=warm)
+
+
+def early_stopping_hook(estimator, spec):
+  """stop_if_no_decrease_hook / stop_if_no_increase_hook from the config."""
+  metric = spec['metric']
+  mode = spec.get('mode', 'min')
+  make = (tf.estimator.experimental.stop_if_no_decrease_hook if mode == 'min'
+          else tf.estimator.experimental.stop_if_no_increase_hook)
+  return make(estimator, metric, spec['max_steps_without_improvement'],
+              min_steps=spec.get('min_steps', 0),
+              run_every_secs=spec.get('check_every_secs', 10))

@@ -1,0 +1,365 @@
+"""The Estimators that `model.type` selects.
+
+  baseline, linear, dnn, wide_deep  canned Estimators (Classifier or Regressor
+                                    by `label.task`)
+  custom                            `custom_model_fn` below (or the user
+                                    module's `model_fn`)
+  keras                             a Keras model (`keras_models`, or the user
+                                    module's `build_keras_model`) wrapped with
+                                    `tf.keras.estimator.model_to_estimator`
+
+How the label reaches each kind (`label_format`): canned Estimators get the
+class names and `label_vocabulary`, so their exports answer with the
+configured class names; the custom model_fn gets the class index and adds the
+names itself; Keras models get the index shaped [batch, 1].
+"""
+
+import importlib.util
+import os
+import sys
+
+import tensorflow as tf
+
+from estimators import keras_models
+from pipeline.cli import UserError
+from pipeline.config import ConfigError
+
+CANNED = ('baseline', 'linear', 'dnn', 'wide_deep')
+
+_OPTIMIZERS = {
+    'adam': lambda lr: tf.keras.optimizers.legacy.Adam(learning_rate=lr),
+    'adagrad': lambda lr: tf.keras.optimizers.legacy.Adagrad(learning_rate=lr),
+    'ftrl': lambda lr: tf.keras.optimizers.legacy.Ftrl(learning_rate=lr),
+    'sgd': lambda lr: tf.keras.optimizers.legacy.SGD(learning_rate=lr),
+    'rmsprop': lambda lr: tf.keras.optimizers.legacy.RMSprop(learning_rate=lr),
+}
+
+SERVING_KEY = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+
+
+def label_format(config):
+  if config.model.type in CANNED:
+    return 'names'
+  if config.model.type == 'keras':
+    return 'keras'
+  return 'index'
+
+
+# --- optimizers and learning-rate schedules ---------------------------------
+
+def learning_rate(base, schedule):
+  """A float, or a Keras LearningRateSchedule over the optimizer's steps.
+
+  Exponential and cosine decay start from `base`; piecewise `values` are
+  factors of `base`, so one schedule fits the linear and the deep optimizer
+  of a wide & deep model.
+  """
+  if not schedule:
+    return base
+  schedules = tf.keras.optimizers.schedules
+  kind = schedule['type']
+  if kind == 'exponential':
+    return schedules.ExponentialDecay(
+        base, schedule['decay_steps'], schedule['decay_rate'],
+        staircase=bool(schedule.get('staircase', False)))
+  if kind == 'cosine':
+    return schedules.CosineDecay(base, schedule['decay_steps'],
+                                 alpha=float(schedule.get('alpha', 0.0)))
+  return schedules.PiecewiseConstantDecay(
+      [int(b) for b in schedule['boundaries']],
+      [float(v) * base for v in schedule['values']])
+
+
+def optimizer_fn(name, base_rate, schedule):
+  """A callable that builds the optimizer inside the Estimator's graph.
+
+  Estimators need the legacy (OptimizerV2) Keras optimizers; building one per
+  graph keeps its variables in the graph that uses them.
+  """
+  def make():
+    return _OPTIMIZERS[name](learning_rate(base_rate, schedule))
+  return make
+
+
+# --- building the Estimator ---------------------------------------------------
+
+def build(config, columns, run_config, warm_start_from=None):
+  """The Estimator for `config.model`, in run_config.model_dir."""
+  kind = config.model.type
+  if kind in CANNED:
+    return _canned(config, columns, run_config, warm_start_from)
+  if kind == 'custom':
+    return _custom(config, columns, run_config, warm_start_from)
+  return _keras(config, columns, run_config)
+
+
+def _canned(config, columns, run_config, warm_start_from):
+  model, task = config.model, config.label.task
+  schedule = config.train.learning_rate_schedule
+  deep_opt = optimizer_fn(model.optimizer, model.learning_rate, schedule)
+  linear_opt = optimizer_fn(model.linear_optimizer, model.linear_learning_rate,
+                            schedule)
+  common = {'config': run_config, 'warm_start_from': warm_start_from}
+  if task == 'regression':
+    common['label_dimension'] = 1
+  else:
+    common['n_classes'] = config.label.n_classes
+    common['label_vocabulary'] = config.label.vocabulary
+  est = tf.estimator
+  classify = task != 'regression'
+  if model.type == 'baseline':
+    cls = est.BaselineClassifier if classify else est.BaselineRegressor
+    return cls(optimizer=deep_opt, **common)
+  if model.type == 'linear':
+    cls = est.LinearClassifier if classify else est.LinearRegressor
+    return cls(feature_columns=columns.wide, optimizer=linear_opt, **common)
+  if model.type == 'dnn':
+    cls = est.DNNClassifier if classify else est.DNNRegressor
+    return cls(hidden_units=model.hidden_units, feature_columns=columns.deep,
+               optimizer=deep_opt, dropout=model.dropout, **common)
+  cls = (est.DNNLinearCombinedClassifier if classify else
+         est.DNNLinearCombinedRegressor)
+  return cls(linear_feature_columns=columns.wide, linear_optimizer=linear_opt,
+             dnn_feature_columns=columns.deep, dnn_optimizer=deep_opt,
+             dnn_hidden_units=model.hidden_units, dnn_dropout=model.dropout,
+             **common)
+
+
+def _custom(config, columns, run_config, warm_start_from):
+  if config.model.module:
+    user_fn = load_user_function(config, 'model_fn')
+    # The user's model_fn gets what it needs to build on ours: the pipeline
+    # config and the feature columns, in params.
+    params = {'pipeline_config': config, 'wide_columns': columns.wide,
+              'deep_columns': columns.deep}
+    return tf.estimator.Estimator(model_fn=user_fn, config=run_config,
+                                  params=params,
+                                  warm_start_from=warm_start_from)
+
+  def model_fn(features, labels, mode):
+    return custom_model_fn(features, labels, mode, config, columns)
+
+  return tf.estimator.Estimator(model_fn=model_fn, config=run_config,
+                                warm_start_from=warm_start_from)
+
+
+def _keras(config, columns, run_config):
+  # Keras initializes weights eagerly, before the Estimator's graph seed.
+  tf.random.set_seed(config.train.seed)
+  custom_objects = dict(keras_models.CUSTOM_OBJECTS)
+  if config.model.module:
+    builder = load_user_function(config, 'build_keras_model')
+    model = builder(config, columns)
+    if not isinstance(model, tf.keras.Model):
+      raise UserError(f'{config.model.module}: build_keras_model returned '
+                      f'{type(model).__name__}, expected a tf.keras.Model')
+    module = sys.modules[_user_module_name(config.model.module)]
+    custom_objects.update(getattr(module, 'CUSTOM_OBJECTS', {}))
+  else:
+    model = keras_models.build(config, columns)
+  if model.optimizer is None:
+    keras_models.compile_model(model, config)
+  # Subclassed models have no graph to map variable names from: their
+  # checkpoints must be name-based (Saver) checkpoints.
+  subclassed = not getattr(model, '_is_graph_network', False)
+  return tf.keras.estimator.model_to_estimator(
+      keras_model=model, config=run_config, custom_objects=custom_objects,
+      checkpoint_format='saver' if subclassed else 'checkpoint')
+
+
+# --- the project's own model_fn -------------------------------------------------
+
+def custom_model_fn(features, labels, mode, config, columns):
+  """A deep tower over embeddings, in Keras layers, as a model_fn.
+
+  Returns an EstimatorSpec for TRAIN, EVAL and PREDICT with the same
+  predictions, export signatures and metrics as the canned Estimators.
+  """
+  model = config.model
+  training = mode == tf.estimator.ModeKeys.TRAIN
+  net = tf.keras.layers.DenseFeatures(columns.deep, name='deep_inputs')(
+      features)
+  net = keras_models.CrossLayer(name='cross')(net)
+  for i, units in enumerate(model.hidden_units):
+    net = tf.keras.layers.Dense(units, activation='relu',
+                                name=f'hidden_{i}')(net)
+    if model.dropout:
+      net = tf.keras.layers.Dropout(model.dropout)(net, training=training)
+  n_logits = 1 if config.label.task in ('binary', 'regression') else (
+      config.label.n_classes)
+  logits = tf.keras.layers.Dense(n_logits, name='logits')(net)
+  optimizer = optimizer_fn(model.optimizer, model.learning_rate,
+                           config.train.learning_rate_schedule)
+  return estimator_spec(config, mode, logits, labels, optimizer)
+
+
+def estimator_spec(config, mode, logits, labels, make_optimizer):
+  """EstimatorSpec for `logits` of the configured task.
+
+  Usable from a user's model_fn too: it only needs the logits.
+  """
+  task = config.label.task
+  predictions = _predictions(config, logits)
+  if mode == tf.estimator.ModeKeys.PREDICT:
+    return tf.estimator.EstimatorSpec(
+        mode, predictions=predictions,
+        export_outputs=_export_outputs(task, predictions))
+  per_example = _per_example_loss(task, logits, labels)
+  loss = tf.reduce_mean(per_example)
+  if mode == tf.estimator.ModeKeys.EVAL:
+    return tf.estimator.EstimatorSpec(
+        mode, loss=loss, predictions=predictions,
+        eval_metric_ops=_metrics(task, labels, predictions, per_example))
+  train_op = _train_op(loss, make_optimizer)
+  _summaries(task, logits, predictions)
+  return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
+                                    predictions=predictions)
+
+
+def _predictions(config, logits):
+  task = config.label.task
+  if task == 'regression':
+    return {'predictions': logits}
+  if task == 'binary':
+    logistic = tf.sigmoid(logits)
+    probabilities = tf.concat([1.0 - logistic, logistic], axis=1)
+    predictions = {'logistic': logistic}
+  else:
+    probabilities = tf.nn.softmax(logits)
+    predictions = {}
+  class_ids = tf.argmax(probabilities, axis=1)
+  names = tf.constant(config.label.vocabulary)
+  batch = tf.shape(logits)[0]
+  predictions.update({
+      'logits': logits,
+      'probabilities': probabilities,
+      'class_ids': tf.expand_dims(class_ids, 1),
+      'classes': tf.expand_dims(tf.gather(names, class_ids), 1),
+      'all_class_ids': tf.tile(
+          tf.expand_dims(tf.range(config.label.n_classes), 0), [batch, 1]),
+      'all_classes': tf.tile(tf.expand_dims(names, 0), [batch, 1]),
+  })
+  return predictions
+
+
+def _export_outputs(task, predictions):
+  """Signatures as the canned heads write them: classify, regress, predict."""
+  export = tf.estimator.export
+  outputs = {'predict': export.PredictOutput(predictions)}
+  if task == 'regression':
+    outputs['regression'] = export.RegressionOutput(predictions['predictions'])
+    outputs[SERVING_KEY] = outputs['regression']
+    return outputs
+  outputs['classification'] = export.ClassificationOutput(
+      scores=predictions['probabilities'], classes=predictions['all_classes'])
+  outputs[SERVING_KEY] = outputs['classification']
+  if task == 'binary':
+    outputs['regression'] = export.RegressionOutput(predictions['logistic'])
+  return outputs
+
+
+def _per_example_loss(task, logits, labels):
+  if task == 'regression':
+    labels = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
+    return tf.math.squared_difference(logits, labels)
+  labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
+  if task == 'binary':
+    return tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.cast(tf.expand_dims(labels, 1), tf.float32), logits=logits)
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
+                                                        logits=logits)
+
+
+def _metrics(task, labels, predictions, per_example):
+  m = tf.compat.v1.metrics
+  metrics = {'average_loss': m.mean(per_example)}
+  if task == 'regression':
+    labels = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
+    values = predictions['predictions']
+    metrics.update({
+        'rmse': m.root_mean_squared_error(labels, values),
+        'mae': m.mean_absolute_error(labels, values),
+        'label/mean': m.mean(labels),
+        'prediction/mean': m.mean(values),
+    })
+    return metrics
+  labels = tf.reshape(tf.cast(labels, tf.int64), [-1, 1])
+  class_ids = predictions['class_ids']
+  metrics['accuracy'] = m.accuracy(labels, class_ids)
+  if task == 'binary':
+    positive = predictions['logistic']
+    metrics.update({
+        'auc': m.auc(labels, positive),
+        'auc_precision_recall': m.auc(labels, positive, curve='PR'),
+        'precision': m.precision(labels, class_ids),
+        'recall': m.recall(labels, class_ids),
+        'label/mean': m.mean(tf.cast(labels, tf.float32)),
+        'prediction/mean': m.mean(positive),
+    })
+  else:
+    # One-vs-rest over all (example, class) pairs: the micro-averaged AUC.
+    n_classes = predictions['probabilities'].shape[1]
+    one_hot = tf.one_hot(tf.reshape(labels, [-1]), n_classes)
+    metrics['auc'] = m.auc(one_hot, predictions['probabilities'])
+  return metrics
+
+
+def _train_op(loss, make_optimizer):
+  optimizer = make_optimizer()
+  # The optimizer's step counter is the global step, so hooks see progress
+  # and learning-rate schedules decay with it.
+  optimizer.iterations = tf.compat.v1.train.get_or_create_global_step()
+  # Each replica's gradients are summed across replicas: scale to the mean.
+  replicas = tf.distribute.get_strategy().num_replicas_in_sync
+  scaled = loss / replicas if replicas > 1 else loss
+  variables = tf.compat.v1.trainable_variables()
+  train_op = optimizer.get_updates(scaled, variables)[0]
+  update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+  lr = optimizer._decayed_lr(tf.float32)  # pylint: disable=protected-access
+  tf.compat.v1.summary.scalar('learning_rate', lr)
+  return tf.group(train_op, *update_ops)
+
+
+def _summaries(task, logits, predictions):
+  tf.compat.v1.summary.histogram('logits', logits)
+  if task == 'binary':
+    tf.compat.v1.summary.scalar(
+        'fraction_predicted_positive',
+        tf.reduce_mean(tf.cast(predictions['class_ids'], tf.float32)))
+
+
+# --- user modules ----------------------------------------------------------------
+
+def _user_module_name(path):
+  return 'estpipe_user_model_' + os.path.splitext(os.path.basename(path))[0]
+
+
+def load_user_module(path):
+  name = _user_module_name(path)
+  if name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise ConfigError('model.module', f'cannot import {path}')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:
+    del sys.modules[name]
+    raise UserError(f'{path}: importing the model module failed: '
+                    f'{type(e).__name__}: {e}') from e
+  return module
+
+
+def load_user_function(config, name):
+  module = load_user_module(config.model.module)
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    expected = {'model_fn': 'model_fn(features, labels, mode, params, config)'
+                ' for model.type custom',
+                'build_keras_model': 'build_keras_model(config, columns) for '
+                'model.type keras'}[name]
+    raise UserError(f'{config.model.module} defines no {name}: expected '
+                    f'{expected}')
+  return fn

@@ -1,0 +1,97 @@
+"""The `estpipe` command line.
+
+Every stage command takes the pipeline config and any number of
+`--set key.path=value` overrides; the stage packages add their own commands
+through a `commands.register(subparsers)` function, so this file stays a
+dispatcher.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+# Stage packages that contribute subcommands, in the order --help lists them.
+_COMMAND_MODULES = ('preprocessing.commands', 'estimators.commands',
+                    'serving.commands', 'pipeline.commands')
+
+
+def add_config_args(parser):
+  """The arguments every config-driven command takes."""
+  parser.add_argument('config', help='pipeline config (YAML)')
+  parser.add_argument('--set', dest='overrides', action='append', default=[],
+                      metavar='KEY.PATH=VALUE',
+                      help='override a config value, e.g. --set '
+                      'train.steps=200 (repeatable)')
+
+
+def config_from_args(args):
+  return load_config(args.config, args.overrides)
+
+
+def build_parser():
+  parser = argparse.ArgumentParser(
+      prog='estpipe',
+      description='Estimator pipelines: preprocess, train, export, serve.')
+  parser.add_argument('-v', '--verbose', action='store_true',
+                      help='show TensorFlow and Beam logs')
+  subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+  subparsers.required = True
+  for name in _COMMAND_MODULES:
+    try:
+      module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name != name:
+        raise
+      continue
+    module.register(subparsers)
+  return parser
+
+
+def main(argv=None):
+  _quiet_imports(argv if argv is not None else sys.argv[1:])
+  parser = build_parser()
+  # Stage commands pass unknown flags through (Beam pipeline options).
+  args, extra = parser.parse_known_args(argv)
+  if extra and not getattr(args, 'accepts_extra', False):
+    parser.error(f'unrecognized arguments: {" ".join(extra)}')
+  args.extra = extra
+  _setup_logging(args.verbose)
+  try:
+    return args.func(args) or 0
+  except ConfigError as e:
+    print(f'estpipe: config error: {e}', file=sys.stderr)
+    return 2
+  except UserError as e:
+    print(f'estpipe: error: {e}', file=sys.stderr)
+    return 1
+
+
+class UserError(Exception):
+  """A failure the user can fix; printed without a traceback."""
+
+
+def _quiet_imports(argv):
+  # TensorFlow prints C++ start-up noise (CUDA factories, CPU features) when
+  # it is imported; decide before anything imports it.
+  import os  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  if '-v' not in argv and '--verbose' not in argv:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    warnings.filterwarnings('ignore', category=FutureWarning)
+    warnings.filterwarnings('ignore', category=DeprecationWarning)
+
+
+def _setup_logging(verbose):
+  logging.basicConfig(
+      level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+      datefmt='%H:%M:%S')
+  if not verbose:
+    for noisy in ('apache_beam', 'tensorflow', 'absl', 'root'):
+      logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,59 @@
+"""Pipeline-level commands: `generate-data` and the end-to-end `run`."""
+
+import logging
+
+_log = logging.getLogger('estpipe')
+
+# The stages `estpipe run` chains, in order; each is also its own command.
+RUN_STAGES = ('preprocess', 'train', 'export')
+
+
+def register(subparsers):
+  from pipeline.cli import add_config_args  # pylint: disable=g-import-not-at-top
+  gen = subparsers.add_parser(
+      'generate-data', help='write the built-in synthetic data set',
+      description='Write a deterministic, census-like synthetic CSV data set '
+      '(numeric, categorical and text columns, a learnable label).')
+  gen.add_argument('--rows', type=int, default=20000)
+  gen.add_argument('--out', default='runs/synthetic-data')
+  gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--shards', type=int, default=1,
+                   help='number of CSV files (parallel reads)')
+  gen.set_defaults(func=_generate)
+
+  run = subparsers.add_parser(
+      'run', help='run every stage: ' + ' -> '.join(RUN_STAGES),
+      description='Run the whole pipeline for a config. Unknown flags are '
+      'Beam pipeline options for the preprocessing job.')
+  add_config_args(run)
+  run.set_defaults(func=_run, accepts_extra=True)
+
+
+def _generate(args):
+  from pipeline import synthetic  # pylint: disable=g-import-not-at-top
+  if args.rows < 1 or args.shards < 1:
+    from pipeline.cli import UserError  # pylint: disable=g-import-not-at-top
+    raise UserError('--rows and --shards must be >= 1')
+  paths = synthetic.write_csv(args.out, args.rows, seed=args.seed,
+                              shards=args.shards)
+  print(f'wrote {args.rows} rows to {", ".join(paths)}')
+
+
+def _run(args):
+  from pipeline import cli  # pylint: disable=g-import-not-at-top
+  cli.config_from_args(args)  # fail on a bad config before any stage runs
+  available = cli.build_parser()._subparsers._group_actions[0].choices  # pylint: disable=protected-access
+  sets = [x for o in args.overrides for x in ('--set', o)]
+  for stage in RUN_STAGES:
+    if stage not in available:
+      _log.warning('stage %s is not installed; stopping after the stages '
+                   'before it', stage)
+      break
+    _log.info('=== %s', stage)
+    argv = [stage, args.config] + sets
+    if stage == 'preprocess':
+      argv += args.extra
+    code = cli.main(argv)
+    if code:
+      return code
+  return 0

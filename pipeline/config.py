@@ -1,0 +1,658 @@
+"""The pipeline config: one YAML file that every stage reads.
+
+This module is the only place where the config is parsed and validated. Each
+section is a dataclass; `load_config` turns YAML (plus `--set` overrides) into
+a `Config`, rejecting unknown keys, wrong types and inconsistent settings
+before any work starts, with the key path in the message.
+"""
+
+import dataclasses
+import os
+import typing
+from typing import Any, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config problem, with the key path that caused it."""
+
+  def __init__(self, path, message):
+    self.path = path
+    super().__init__(f'{path}: {message}' if path else message)
+
+
+FEATURE_TYPES = ('integer', 'float', 'string', 'text')
+TRANSFORMS = ('z_score', 'scale_0_1', 'bucketize', 'log', 'vocabulary', 'hash',
+              'text', 'identity')
+NUMERIC_TRANSFORMS = ('z_score', 'scale_0_1', 'bucketize', 'log')
+TEXT_OUTPUTS = ('vocabulary', 'bag_of_words', 'tfidf')
+TASKS = ('binary', 'multiclass', 'regression')
+COMPUTED_DEFAULTS = ('mean', 'most_frequent')
+MODEL_TYPES = ('baseline', 'linear', 'dnn', 'wide_deep', 'custom', 'keras')
+KERAS_STYLES = ('sequential', 'functional', 'subclassed')
+DISTRIBUTIONS = ('none', 'mirrored', 'multi_worker_mirrored',
+                 'parameter_server')
+OPTIMIZERS = ('adam', 'adagrad', 'ftrl', 'sgd', 'rmsprop')
+LR_SCHEDULES = {'exponential': ('decay_steps', 'decay_rate', 'staircase'),
+                'cosine': ('decay_steps', 'alpha'),
+                'piecewise': ('boundaries', 'values')}
+EARLY_STOPPING_KEYS = ('metric', 'mode', 'max_steps_without_improvement',
+                       'min_steps', 'check_every_secs')
+
+
+@dataclasses.dataclass
+class DataConfig:
+  """Raw inputs: where they are and how to read them."""
+  train: Union[str, List[str]] = None
+  eval: Optional[Union[str, List[str]]] = None
+  format: str = 'csv'
+  eval_fraction: float = 0.2
+  header: bool = False
+  columns: Optional[List[str]] = None
+  delimiter: str = ','
+  missing: List[str] = dataclasses.field(
+      default_factory=lambda: ['', '?', 'NA'])
+
+  def validate(self, path):
+    if not self.train:
+      raise ConfigError(f'{path}.train', 'required: a path or glob of the '
+                        'training data')
+    if self.format not in ('csv', 'tfrecord'):
+      raise ConfigError(f'{path}.format',
+                        f'expected csv or tfrecord, got {self.format!r}')
+    if not 0.0 < self.eval_fraction < 1.0:
+      raise ConfigError(f'{path}.eval_fraction',
+                        f'expected a number in (0, 1), got {self.eval_fraction}')
+    if self.format == 'csv' and not self.header and not self.columns:
+      raise ConfigError(f'{path}.columns', 'CSV without a header needs the '
+                        'column names (or set header: true)')
+    if len(self.delimiter) != 1:
+      raise ConfigError(f'{path}.delimiter',
+                        f'expected one character, got {self.delimiter!r}')
+
+  @property
+  def train_patterns(self):
+    return _as_list(self.train)
+
+  @property
+  def eval_patterns(self):
+    return _as_list(self.eval)
+
+
+@dataclasses.dataclass
+class FeatureConfig:
+  """One raw column and how tf.Transform turns it into a model input."""
+  name: str = None
+  type: str = None
+  transform: str = 'identity'
+  default: Optional[Union[float, str]] = None
+  buckets: Optional[int] = None
+  top_k: Optional[int] = None
+  oov_buckets: int = 1
+  frequency_threshold: Optional[int] = None
+  text_output: str = 'bag_of_words'
+  ngrams: int = 1
+
+  def validate(self, path):
+    if not self.name:
+      raise ConfigError(f'{path}.name', 'required')
+    if self.type not in FEATURE_TYPES:
+      raise ConfigError(f'{path}.type',
+                        f'expected one of {", ".join(FEATURE_TYPES)}, '
+                        f'got {self.type!r}')
+    if self.transform not in TRANSFORMS:
+      raise ConfigError(f'{path}.transform',
+                        f'unknown transform {self.transform!r}; expected one '
+                        f'of {", ".join(TRANSFORMS)}')
+    numeric = self.type in ('integer', 'float')
+    if self.transform in NUMERIC_TRANSFORMS and not numeric:
+      raise ConfigError(f'{path}.transform', f'{self.transform} needs an '
+                        f'integer or float feature, {self.name} is {self.type}')
+    if (self.transform == 'text') != (self.type == 'text'):
+      raise ConfigError(f'{path}.transform', 'type text goes with transform '
+                        'text, and only with it')
+    if self.transform in ('bucketize', 'hash'):
+      if not isinstance(self.buckets, int) or self.buckets < 2:
+        raise ConfigError(f'{path}.buckets', f'{self.transform} needs '
+                          'buckets: an integer >= 2')
+    if self.text_output not in TEXT_OUTPUTS:
+      raise ConfigError(f'{path}.text_output', f'expected one of '
+                        f'{", ".join(TEXT_OUTPUTS)}, got {self.text_output!r}')
+    if self.ngrams < 1:
+      raise ConfigError(f'{path}.ngrams', 'expected an integer >= 1')
+    if isinstance(self.default, str) and numeric:
+      if self.default not in COMPUTED_DEFAULTS:
+        raise ConfigError(f'{path}.default', f'expected a number, mean or '
+                          f'most_frequent, got {self.default!r}')
+    if self.default == 'mean' and not numeric:
+      raise ConfigError(f'{path}.default', 'mean needs a numeric feature')
+
+  @property
+  def is_numeric(self):
+    return self.type in ('integer', 'float')
+
+
+@dataclasses.dataclass
+class LabelConfig:
+  """The prediction target: a column, or an expression over columns."""
+  name: str = None
+  task: str = 'binary'
+  values: Optional[List[str]] = None
+  expression: Optional[str] = None
+
+  def validate(self, path):
+    if not self.name:
+      raise ConfigError(f'{path}.name', 'required')
+    if self.task not in TASKS:
+      raise ConfigError(f'{path}.task', f'expected one of {", ".join(TASKS)},'
+                        f' got {self.task!r}')
+    if self.task != 'regression' and not self.expression:
+      if not self.values or len(self.values) < 2:
+        raise ConfigError(f'{path}.values', f'a {self.task} label needs its '
+                          'values (at least two), or an expression')
+    if self.task == 'binary' and self.values and len(self.values) != 2:
+      raise ConfigError(f'{path}.values', 'a binary label has exactly two '
+                        f'values, got {len(self.values)}')
+    if self.expression and self.task == 'multiclass':
+      raise ConfigError(f'{path}.expression', 'expressions make binary or '
+                        'regression labels')
+
+  @property
+  def n_classes(self):
+    if self.task == 'regression':
+      return None
+    return 2 if self.expression else len(self.values)
+
+  @property
+  def vocabulary(self):
+    """Class names, in class-index order."""
+    if self.task == 'regression':
+      return None
+    if self.expression:
+      return ['false', 'true']
+    return [str(v) for v in self.values]
+
+
+@dataclasses.dataclass
+class PreprocessingConfig:
+  module: Optional[str] = None
+  max_reject_fraction: float = 0.01
+  # Rows per Arrow record batch: larger batches mean fewer TF calls.
+  batch_size: int = 5000
+
+  def validate(self, path):
+    if not 0.0 <= self.max_reject_fraction <= 1.0:
+      raise ConfigError(f'{path}.max_reject_fraction',
+                        'expected a number in [0, 1]')
+    if self.batch_size < 1:
+      raise ConfigError(f'{path}.batch_size', 'expected an integer >= 1')
+    if self.module and not os.path.exists(self.module):
+      raise ConfigError(f'{path}.module', f'no such file: {self.module}')
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """Which Estimator to build (see estimators/)."""
+  type: str = 'wide_deep'
+  hidden_units: List[int] = dataclasses.field(
+      default_factory=lambda: [64, 32])
+  embedding_dim: int = 8
+  crosses: List[List[str]] = dataclasses.field(default_factory=list)
+  keras_style: str = 'functional'
+  module: Optional[str] = None
+  learning_rate: float = 0.01
+  dropout: Optional[float] = None
+  optimizer: str = 'adam'
+  # The linear part of `linear` and `wide_deep` (FTRL suits sparse columns).
+  linear_optimizer: str = 'ftrl'
+  linear_learning_rate: float = 0.1
+  # Categorical columns up to this many ids are one-hot in the deep part,
+  # larger ones are embedded with `embedding_dim`.
+  max_indicator_size: int = 16
+  # Hash space of a crossed column (the product of the sizes, capped here).
+  cross_buckets: int = 10000
+  # Hash buckets for string features passed through untransformed.
+  string_hash_buckets: int = 1000
+
+  def validate(self, path):
+    if self.type not in MODEL_TYPES:
+      raise ConfigError(f'{path}.type', f'expected one of '
+                        f'{", ".join(MODEL_TYPES)}, got {self.type!r}')
+    if self.keras_style not in KERAS_STYLES:
+      raise ConfigError(f'{path}.keras_style', f'expected one of '
+                        f'{", ".join(KERAS_STYLES)}, got {self.keras_style!r}')
+    if self.module and not os.path.exists(self.module):
+      raise ConfigError(f'{path}.module', f'no such file: {self.module}')
+    for key in ('optimizer', 'linear_optimizer'):
+      if getattr(self, key) not in OPTIMIZERS:
+        raise ConfigError(f'{path}.{key}', f'expected one of '
+                          f'{", ".join(OPTIMIZERS)}, got '
+                          f'{getattr(self, key)!r}')
+    if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f'{path}.dropout', 'expected a number in [0, 1)')
+    if not self.hidden_units or min(self.hidden_units) < 1:
+      raise ConfigError(f'{path}.hidden_units', 'expected a non-empty list '
+                        'of positive integers')
+    for key in ('embedding_dim', 'cross_buckets', 'string_hash_buckets'):
+      if getattr(self, key) < 1:
+        raise ConfigError(f'{path}.{key}', 'expected an integer >= 1')
+    for i, cross in enumerate(self.crosses):
+      if len(cross) < 2:
+        raise ConfigError(f'{path}.crosses[{i}]', 'a cross needs at least '
+                          'two features')
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """How to train: steps, batch size, RunConfig and distribution."""
+  steps: Optional[int] = None
+  epochs: Optional[float] = None
+  batch_size: int = 128
+  eval_steps: Optional[int] = None
+  eval_throttle_secs: int = 10
+  save_checkpoints_steps: int = 500
+  keep_checkpoint_max: int = 5
+  log_step_count_steps: int = 100
+  seed: int = 42
+  distribution: str = 'none'
+  num_devices: int = 2
+  early_stopping: Optional[dict] = None
+  learning_rate_schedule: Optional[dict] = None
+  warm_start_from: Optional[str] = None
+  save_summary_steps: int = 100
+  shuffle_buffer: int = 10000
+  # Seconds the continuous evaluator waits before its first evaluation.
+  eval_start_delay_secs: int = 0
+
+  def validate(self, path):
+    if self.distribution not in DISTRIBUTIONS:
+      raise ConfigError(f'{path}.distribution', f'expected one of '
+                        f'{", ".join(DISTRIBUTIONS)}, got '
+                        f'{self.distribution!r}')
+    if self.steps is not None and self.steps < 1:
+      raise ConfigError(f'{path}.steps', 'expected an integer >= 1')
+    if self.epochs is not None and self.epochs <= 0:
+      raise ConfigError(f'{path}.epochs', 'expected a number > 0')
+    if self.steps is not None and self.epochs is not None:
+      raise ConfigError(f'{path}.epochs', 'set train.steps or train.epochs, '
+                        'not both')
+    for key in ('batch_size', 'save_checkpoints_steps', 'keep_checkpoint_max',
+                'log_step_count_steps', 'save_summary_steps',
+                'shuffle_buffer', 'num_devices'):
+      if getattr(self, key) < 1:
+        raise ConfigError(f'{path}.{key}', 'expected an integer >= 1')
+    if self.eval_steps is not None and self.eval_steps < 1:
+      raise ConfigError(f'{path}.eval_steps', 'expected an integer >= 1 '
+                        '(or leave it out to evaluate the whole eval split)')
+    if self.early_stopping is not None:
+      _validate_early_stopping(self.early_stopping, f'{path}.early_stopping')
+    if self.learning_rate_schedule is not None:
+      _validate_lr_schedule(self.learning_rate_schedule,
+                            f'{path}.learning_rate_schedule')
+
+
+def _validate_early_stopping(spec, path):
+  for key in spec:
+    if key not in EARLY_STOPPING_KEYS:
+      raise ConfigError(f'{path}.{key}', 'unknown key; expected one of '
+                        f'{", ".join(EARLY_STOPPING_KEYS)}')
+  if not isinstance(spec.get('metric'), str):
+    raise ConfigError(f'{path}.metric', 'required: the eval metric to watch, '
+                      'e.g. loss or auc')
+  if spec.get('mode', 'min') not in ('min', 'max'):
+    raise ConfigError(f'{path}.mode', f'expected min or max, got '
+                      f'{spec["mode"]!r}')
+  steps = spec.get('max_steps_without_improvement')
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ConfigError(f'{path}.max_steps_without_improvement',
+                      'required: an integer >= 1')
+  for key in ('min_steps', 'check_every_secs'):
+    value = spec.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ConfigError(f'{path}.{key}', 'expected an integer >= 0')
+
+
+def _validate_lr_schedule(spec, path):
+  kind = spec.get('type')
+  if kind not in LR_SCHEDULES:
+    raise ConfigError(f'{path}.type', f'expected one of '
+                      f'{", ".join(LR_SCHEDULES)}, got {kind!r}')
+  allowed = LR_SCHEDULES[kind]
+  for key in spec:
+    if key != 'type' and key not in allowed:
+      raise ConfigError(f'{path}.{key}', f'unknown key for a {kind} schedule;'
+                        f' expected {", ".join(allowed)}')
+  if kind == 'piecewise':
+    boundaries, values = spec.get('boundaries'), spec.get('values')
+    if not isinstance(boundaries, list) or not isinstance(values, list) or (
+        len(values) != len(boundaries) + 1):
+      raise ConfigError(path, 'a piecewise schedule needs boundaries (steps) '
+                        'and values, one more value than boundaries')
+  else:
+    steps = spec.get('decay_steps')
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+      raise ConfigError(f'{path}.decay_steps', 'required: an integer >= 1')
+    if kind == 'exponential' and not isinstance(
+        spec.get('decay_rate'), (int, float)):
+      raise ConfigError(f'{path}.decay_rate', 'required: a number')
+
+
+@dataclasses.dataclass
+class ExportConfig:
+  """Which SavedModels to export (see serving/)."""
+  exporters: List[str] = dataclasses.field(default_factory=lambda: ['final'])
+  keep: int = 5
+  # The eval metric the best exporter compares (default: loss), and whether
+  # smaller is better (auto: yes for loss/error-like names).
+  best_metric: Optional[str] = None
+  best_mode: str = 'auto'
+
+  def validate(self, path):
+    for i, name in enumerate(self.exporters):
+      if name not in ('latest', 'best', 'final'):
+        raise ConfigError(f'{path}.exporters[{i}]', 'expected latest, best or'
+                          f' final, got {name!r}')
+    if len(set(self.exporters)) != len(self.exporters):
+      raise ConfigError(f'{path}.exporters', 'each exporter may appear once')
+    if self.keep < 1:
+      raise ConfigError(f'{path}.keep', 'expected an integer >= 1')
+    if self.best_mode not in ('auto', 'min', 'max'):
+      raise ConfigError(f'{path}.best_mode', 'expected auto, min or max, got '
+                        f'{self.best_mode!r}')
+
+
+@dataclasses.dataclass
+class Config:
+  """The whole pipeline config."""
+  run_dir: str = None
+  data: DataConfig = None
+  features: List[FeatureConfig] = None
+  label: LabelConfig = None
+  name: str = 'estpipe'
+  preprocessing: PreprocessingConfig = dataclasses.field(
+      default_factory=PreprocessingConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+  # Where the YAML file was; relative paths inside it are resolved from here.
+  source: Optional[str] = None
+
+  def validate(self, check_columns=True):
+    for key in ('run_dir', 'data', 'features', 'label'):
+      if getattr(self, key) in (None, []):
+        raise ConfigError(key, 'required')
+    self.data.validate('data')
+    seen = set()
+    for i, feature in enumerate(self.features):
+      feature.validate(f'features[{i}]')
+      if feature.name in seen:
+        raise ConfigError(f'features[{i}].name',
+                          f'duplicate feature {feature.name!r}')
+      seen.add(feature.name)
+    self.label.validate('label')
+    if self.label.name in seen:
+      raise ConfigError('label.name', f'{self.label.name!r} is also a '
+                        'feature name')
+    self.preprocessing.validate('preprocessing')
+    self.model.validate('model')
+    self.train.validate('train')
+    self.export.validate('export')
+    if check_columns:
+      self._check_columns()
+    for i, cross in enumerate(self.model.crosses):
+      for name in cross:
+        if name not in seen:
+          raise ConfigError(f'model.crosses[{i}]',
+                            f'{name!r} is not a feature')
+
+  def _check_columns(self):
+    """Features and the label must exist in the data's columns."""
+    columns = self.raw_columns()
+    if columns is None:
+      return
+    for i, feature in enumerate(self.features):
+      if feature.name not in columns:
+        raise ConfigError(f'features[{i}].name', f'{feature.name!r} is not '
+                          f'a column of the data (columns: '
+                          f'{", ".join(columns)})')
+    if self.label.expression:
+      for name in label_expression_names(self.label.expression):
+        if name not in columns:
+          raise ConfigError('label.expression', f'{name!r} is not a column '
+                            'of the data')
+    elif self.label.name not in columns:
+      raise ConfigError('label.name', f'{self.label.name!r} is not a column '
+                        f'of the data (columns: {", ".join(columns)})')
+
+  def raw_columns(self):
+    """The data's column names: from the config, or a CSV header."""
+    if self.data.columns:
+      return list(self.data.columns)
+    if self.data.format == 'csv' and self.data.header:
+      return _read_csv_header(self.data)
+    return None
+
+  @property
+  def feature_names(self):
+    return [f.name for f in self.features]
+
+  def feature(self, name):
+    for f in self.features:
+      if f.name == name:
+        return f
+    raise KeyError(name)
+
+  # The run directory layout: every stage finds its inputs here.
+  def path(self, *parts):
+    return os.path.join(self.run_dir, *parts)
+
+  @property
+  def transform_dir(self):
+    return self.path('transform')
+
+  @property
+  def model_dir(self):
+    return self.path('model')
+
+  @property
+  def export_dir(self):
+    return self.path('export')
+
+  def data_pattern(self, split):
+    return self.path('data', f'{split}-*.tfrecord.gz')
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+
+def label_expression_names(expression):
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    tree = ast.parse(expression, mode='eval')
+  except SyntaxError as e:
+    raise ConfigError('label.expression', f'not a valid expression: {e.msg}')
+  return sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)})
+
+
+def _as_list(value):
+  if value is None:
+    return []
+  return [value] if isinstance(value, str) else list(value)
+
+
+def _read_csv_header(data):
+  import csv  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  for pattern in data.train_patterns:
+    for filename in sorted(glob.glob(pattern)):
+      with open(filename, newline='') as f:
+        line = f.readline()
+      return [c.strip() for c in next(csv.reader([line],
+                                                 delimiter=data.delimiter))]
+    raise ConfigError('data.train', f'no file matches {pattern}')
+  return None
+
+
+# --- building dataclasses from plain dicts, with key paths in errors --------
+
+_PATH_KEYS = {('run_dir',), ('data', 'train'), ('data', 'eval'),
+              ('preprocessing', 'module'), ('model', 'module'),
+              ('train', 'warm_start_from')}
+
+
+def _type_name(tp):
+  return getattr(tp, '__name__', str(tp).replace('typing.', ''))
+
+
+def _convert(value, tp, path):
+  """Checks `value` against the annotation `tp`; builds nested dataclasses."""
+  origin = typing.get_origin(tp)
+  if origin is Union:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _convert(value, arg, path)
+      except ConfigError as e:
+        errors.append(e)
+    names = ' or '.join(_type_name(a) for a in args if a is not type(None))
+    raise ConfigError(path, f'expected {names}, got {value!r}')
+  if origin in (list, List):
+    (item_type,) = typing.get_args(tp)
+    if not isinstance(value, list):
+      raise ConfigError(path, f'expected a list, got {value!r}')
+    return [_convert(v, item_type, f'{path}[{i}]') for i, v in
+            enumerate(value)]
+  if dataclasses.is_dataclass(tp):
+    return _build(tp, value, path)
+  if tp is Any:
+    return value
+  if tp is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(path, f'expected a mapping, got {value!r}')
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(path, f'expected a number, got {value!r}')
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(path, f'expected an integer, got {value!r}')
+    return value
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(path, f'expected true or false, got {value!r}')
+    return value
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(path, f'expected a string, got {value!r}')
+    return value
+  raise TypeError(f'unsupported annotation {tp} at {path}')
+
+
+def _build(cls, value, path):
+  if value is None:
+    return cls()
+  if not isinstance(value, dict):
+    raise ConfigError(path, f'expected a mapping, got {value!r}')
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls) if f.name != 'source'}
+  kwargs = {}
+  for key, item in value.items():
+    key_path = f'{path}.{key}' if path else str(key)
+    if key not in fields:
+      raise ConfigError(key_path, 'unknown key; expected one of '
+                        f'{", ".join(sorted(fields))}')
+    kwargs[key] = _convert(item, hints[key], key_path)
+  return cls(**kwargs)
+
+
+def _set_path(tree, dotted, value):
+  """Applies one `--set a.b=value` override to the raw YAML tree."""
+  parts = dotted.split('.')
+  node = tree
+  for i, part in enumerate(parts[:-1]):
+    key = _index_key(node, part, '.'.join(parts[:i + 1]))
+    if isinstance(node, dict) and key not in node:
+      node[key] = {}
+    node = node[key]
+  last = _index_key(node, parts[-1], dotted)
+  node[last] = value
+
+
+def _index_key(node, part, path):
+  if isinstance(node, list):
+    # features.age.transform: address a list of named items by name.
+    for i, item in enumerate(node):
+      if isinstance(item, dict) and item.get('name') == part:
+        return i
+    if part.isdigit() and int(part) < len(node):
+      return int(part)
+    raise ConfigError(path, f'no list item named {part!r}')
+  if not isinstance(node, dict):
+    raise ConfigError(path, 'cannot set a key inside a non-mapping value')
+  return part
+
+
+def parse_override(text):
+  """'key.path=value' -> (key.path, YAML-typed value)."""
+  if '=' not in text:
+    raise ConfigError(text, 'a --set override looks like key.path=value')
+  key, raw = text.split('=', 1)
+  return key.strip(), yaml.safe_load(raw) if raw else ''
+
+
+def _resolve(base, value):
+  if value is None:
+    return None
+  if isinstance(value, list):
+    return [_resolve(base, v) for v in value]
+  if '://' in value or os.path.isabs(value):
+    return value
+  return os.path.normpath(os.path.join(base, value))
+
+
+def _resolve_paths(tree, base):
+  for keys in _PATH_KEYS:
+    node = tree
+    for key in keys[:-1]:
+      node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(node.get(keys[-1]), (str, list)):
+      node[keys[-1]] = _resolve(base, node[keys[-1]])
+
+
+def load_config(path, overrides=(), check_columns=True):
+  """Reads, overrides and validates a pipeline config.
+
+  Relative paths in the file are taken from the file's folder; relative paths
+  in overrides from the current directory, as a shell user expects.
+  """
+  try:
+    with open(path) as f:
+      tree = yaml.safe_load(f)
+  except FileNotFoundError:
+    raise ConfigError('', f'config file not found: {path}')
+  except yaml.YAMLError as e:
+    raise ConfigError('', f'{path} is not valid YAML: {e}')
+  if not isinstance(tree, dict):
+    raise ConfigError('', f'{path}: expected a mapping at the top level')
+  _resolve_paths(tree, os.path.dirname(os.path.abspath(path)))
+  for text in overrides:
+    key, value = parse_override(text)
+    if tuple(key.split('.')) in _PATH_KEYS:
+      value = _resolve(os.getcwd(), value)
+    _set_path(tree, key, value)
+  config = config_from_dict(tree, check_columns=check_columns)
+  config.source = os.path.abspath(path)
+  return config
+
+
+def config_from_dict(tree, check_columns=True):
+  config = _build(Config, tree, '')
+  config.validate(check_columns=check_columns)
+  return config

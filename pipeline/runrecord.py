@@ -1,0 +1,72 @@
+"""Run records and atomic outputs in the run directory.
+
+Stages talk through files, so a later stage must never read a half-written
+output: every stage writes into a staging folder and publishes by rename, and
+its summary JSON (the completeness marker) is written last.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import socket
+import uuid
+
+_STAGING = '.staging'
+
+
+def write_json(path, obj):
+  """Writes JSON so that readers see the old file or the new one, never half."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp-{uuid.uuid4().hex}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@contextlib.contextmanager
+def staging_dir(run_dir, stage):
+  """A private folder under RUN_DIR for a stage's outputs before publishing.
+
+  Removed on exit; whatever the stage published by `publish` survives.
+  """
+  path = os.path.join(run_dir, _STAGING, f'{stage}-{uuid.uuid4().hex[:8]}')
+  os.makedirs(path)
+  try:
+    yield path
+  finally:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(src, dst):
+  """Moves a finished output into place, replacing an older one."""
+  if os.path.isdir(dst):
+    old = f'{dst}.old-{uuid.uuid4().hex[:8]}'
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(src, dst)
+
+
+def now():
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds')
+
+
+def append_history(run_dir, stage, status, summary=None):
+  """One line per stage run in RUN_DIR/history.jsonl: the run record."""
+  os.makedirs(run_dir, exist_ok=True)
+  line = {'stage': stage, 'status': status, 'time': now(),
+          'host': socket.gethostname(), 'pid': os.getpid()}
+  if summary:
+    line['summary'] = summary
+  with open(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
+    f.write(json.dumps(line, sort_keys=True, default=str) + '\n')

@@ -1,0 +1,251 @@
+"""The preprocessing job: raw files -> tf.Transform -> gzip TFRecords.
+
+    files --ReadRawData--> train / eval record batches + rejects
+    train --AnalyzeAndTransformDataset--> transformed train + transform_fn
+    eval  --TransformDataset(transform_fn)--> transformed eval
+    each  --WriteExamples--> RUN_DIR/data/{split}-*.tfrecord.gz
+
+Everything that runs on workers is defined here, in an installed module, so
+the job runs under the multi-processing DirectRunner, Dataflow and portable
+runners alike.
+"""
+
+import json
+import logging
+import os
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+import tensorflow_transform.beam as tft_beam
+from tfx_bsl.coders import example_coder
+from tfx_bsl.public import tfxio
+
+from preprocessing import rows as rows_lib
+from preprocessing import schema as schema_lib
+from preprocessing.transform_fn import build_preprocessing_fn
+
+_NAMESPACE = 'estpipe'
+SPLITS = ('train', 'eval')
+_log = logging.getLogger('estpipe')
+
+
+class PreprocessError(Exception):
+  """The job ran but its result must not be published."""
+
+
+def expand_patterns(patterns, key):
+  """Globs -> sorted file list; a pattern that matches nothing is an error."""
+  files = []
+  for pattern in patterns:
+    matches = FileSystems.match([pattern])[0].metadata_list
+    if not matches:
+      raise FileNotFoundError(f'{key}: no file matches {pattern}')
+    files.extend(sorted(m.path for m in matches))
+  return files
+
+
+class _ParseFile(beam.DoFn):
+  """One raw file -> record batches per split, and rejects with reasons."""
+
+  def __init__(self, config, split):
+    self._config = config
+    self._split = split  # None: assign each row by hash
+    self._parser = None
+
+  def setup(self):
+    self._parser = rows_lib.RowParser(self._config)
+    self._counters = {}
+
+  def _count(self, name, n=1):
+    if name not in self._counters:
+      self._counters[name] = Metrics.counter(_NAMESPACE, name)
+    self._counters[name].inc(n)
+
+  def _records(self, path):
+    data = self._config.data
+    if data.format == 'tfrecord':
+      return self._parser.read_tfrecord(path)
+    names = None if data.header else list(data.columns)
+    return self._parser.read_csv(path, names)
+
+  def process(self, path):
+    batch_size = self._config.preprocessing.batch_size
+    fraction = self._config.data.eval_fraction
+    pending = {s: [] for s in SPLITS}
+    counts = {s: 0 for s in SPLITS}
+    rejected = 0
+    unit = 'record' if self._config.data.format == 'tfrecord' else 'line'
+    for number, raw, result in self._records(path):
+      split = self._split or ('eval' if rows_lib.is_eval_row(raw, fraction)
+                              else 'train')
+      if isinstance(result, rows_lib.Reject):
+        rejected += 1
+        self._count(f'{split}_rejected')
+        yield beam.pvalue.TaggedOutput('rejects', {
+            'split': split, 'file': path, unit: number,
+            'field': result.field, 'reason': result.reason,
+            'raw': rows_lib.raw_for_json(raw)})
+        continue
+      counts[split] += 1
+      pending[split].append(result)
+      if len(pending[split]) >= batch_size:
+        yield beam.pvalue.TaggedOutput(
+            split, self._parser.record_batch(pending[split]))
+        pending[split] = []
+    for split in SPLITS:
+      if pending[split]:
+        yield beam.pvalue.TaggedOutput(
+            split, self._parser.record_batch(pending[split]))
+      self._count(f'{split}_read', counts[split])
+    _log.info('read %s: %d train rows, %d eval rows, %d rejected',
+              path, counts['train'], counts['eval'], rejected)
+
+
+class ReadRawData(beam.PTransform):
+  """Raw files -> {'train', 'eval', 'rejects'} PCollections.
+
+  With one input, each row goes to eval by a stable hash of its raw bytes.
+  """
+
+  def __init__(self, config):
+    super().__init__()
+    self._config = config
+
+  def _read(self, pipeline, patterns, key, split):
+    files = expand_patterns(patterns, key)
+    return (pipeline
+            | f'List{key}' >> beam.Create(files)
+            | f'Parse{key}' >> beam.ParDo(_ParseFile(self._config, split))
+            .with_outputs('train', 'eval', 'rejects'))
+
+  def expand(self, pipeline):
+    data = self._config.data
+    if not data.eval_patterns:
+      parsed = self._read(pipeline, data.train_patterns, 'Data', None)
+      return {s: parsed[s] for s in ('train', 'eval', 'rejects')}
+    train = self._read(pipeline, data.train_patterns, 'Train', 'train')
+    evals = self._read(pipeline, data.eval_patterns, 'Eval', 'eval')
+    rejects = ((train.rejects, evals.rejects)
+               | 'AllRejects' >> beam.Flatten())
+    return {'train': train.train, 'eval': evals.eval, 'rejects': rejects}
+
+
+def _encode(batch_and_passthrough):
+  batch, _ = batch_and_passthrough
+  return example_coder.RecordBatchToExamples(batch)
+
+
+class WriteExamples(beam.PTransform):
+  """Transformed record batches -> gzip TFRecords of tf.Example."""
+
+  def __init__(self, prefix, split):
+    super().__init__()
+    self._prefix = prefix
+    self._split = split
+
+  def expand(self, batches):
+    return (batches
+            | 'Encode' >> beam.FlatMap(_encode)
+            | 'Count' >> beam.ParDo(_CountRows(f'{self._split}_written'))
+            | 'Write' >> beam.io.WriteToTFRecord(
+                self._prefix, file_name_suffix='.tfrecord.gz',
+                compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+
+
+class _CountRows(beam.DoFn):
+
+  def __init__(self, name):
+    self._name = name
+
+  def setup(self):
+    self._counter = Metrics.counter(_NAMESPACE, self._name)
+
+  def process(self, element):
+    self._counter.inc()
+    yield element
+
+
+def _to_json(record):
+  return json.dumps(record, sort_keys=True)
+
+
+class WriteRejects(beam.PTransform):
+
+  def __init__(self, prefix):
+    super().__init__()
+    self._prefix = prefix
+
+  def expand(self, rejects):
+    return (rejects
+            | 'ToJson' >> beam.Map(_to_json)
+            | 'Write' >> beam.io.WriteToText(self._prefix,
+                                             file_name_suffix='.jsonl'))
+
+
+def tensor_adapter_config(config):
+  parser = rows_lib.RowParser(config)
+  representations = tfxio.TFExampleRecord(
+      file_pattern='unused', schema=schema_lib.raw_schema(config)
+  ).TensorRepresentations()
+  return tfxio.TensorAdapterConfig(parser.arrow_schema(), representations)
+
+
+def build(pipeline, config, out_dir):
+  """Adds the preprocessing job to `pipeline`, writing under `out_dir`."""
+  raw = pipeline | 'ReadRawData' >> ReadRawData(config)
+  adapter = tensor_adapter_config(config)
+  preprocessing_fn = build_preprocessing_fn(config)
+  (transformed_train, _), transform_fn = (
+      (raw['train'], adapter)
+      | 'AnalyzeAndTransform' >> tft_beam.AnalyzeAndTransformDataset(
+          preprocessing_fn, output_record_batches=True))
+  transformed_eval, _ = (
+      ((raw['eval'], adapter), transform_fn)
+      | 'TransformEval' >> tft_beam.TransformDataset(
+          output_record_batches=True))
+  _ = (transform_fn
+       | 'WriteTransformFn' >> tft_beam.WriteTransformFn(
+           os.path.join(out_dir, 'transform')))
+  for split, data in (('train', transformed_train),
+                      ('eval', transformed_eval)):
+    _ = data | f'Write{split.title()}' >> WriteExamples(
+        os.path.join(out_dir, 'data', split), split)
+  _ = raw['rejects'] | 'WriteRejects' >> WriteRejects(
+      os.path.join(out_dir, 'rejects', 'rejects'))
+
+
+def run_job(config, out_dir, beam_args=()):
+  """Runs the job; returns the summary (counts, time, runner)."""
+  options = PipelineOptions(list(beam_args))
+  start = time.time()
+  pipeline = beam.Pipeline(options=options)
+  with tft_beam.Context(temp_dir=os.path.join(out_dir, 'tmp')):
+    build(pipeline, config, out_dir)
+    result = pipeline.run()
+    result.wait_until_finish()
+  counters = _counters(result)
+  summary = {'runner': options.get_all_options()['runner'] or
+             'DirectRunner',
+             'wall_seconds': round(time.time() - start, 2),
+             'splits': {}}
+  for split in SPLITS:
+    summary['splits'][split] = {
+        'read': counters.get(f'{split}_read', 0) +
+                counters.get(f'{split}_rejected', 0),
+        'written': counters.get(f'{split}_written', 0),
+        'rejected': counters.get(f'{split}_rejected', 0)}
+  return summary
+
+
+def _counters(result):
+  found = {}
+  for counter in result.metrics().query(
+      MetricsFilter().with_namespace(_NAMESPACE))['counters']:
+    name = counter.key.metric.name
+    found[name] = found.get(name, 0) + (counter.committed or
+                                        counter.attempted or 0)
+  return found

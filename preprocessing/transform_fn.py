@@ -1,0 +1,180 @@
+"""The generated `preprocessing_fn`: one transform per configured feature.
+
+A user module may replace it (`preprocessing.module`), as TFX module files
+do; it can reuse the pieces here (`fill_missing`, `transform_feature`).
+"""
+
+import importlib.util
+import inspect
+import os
+
+import tensorflow as tf
+import tensorflow_transform as tft
+from tensorflow_transform import schema_inference
+
+
+def build_preprocessing_fn(config):
+  """The config's preprocessing_fn, or the user module's."""
+  if config.preprocessing.module:
+    return _user_preprocessing_fn(config)
+
+  def preprocessing_fn(inputs):
+    outputs = {}
+    for feature in config.features:
+      x = inputs[feature.name]
+      if _mode_is_first_id(feature):
+        ids = _dense(_vocabulary(x, feature), 0)
+        outputs[feature.name] = _annotate_ids(ids, feature)
+        continue
+      outputs.update(transform_feature(feature, fill_missing(x, feature)))
+    outputs[config.label.name] = _dense(inputs[config.label.name], 0)
+    return outputs
+
+  return preprocessing_fn
+
+
+def _user_preprocessing_fn(config):
+  path = config.preprocessing.module
+  module = load_module(path)
+  fn = getattr(module, 'preprocessing_fn', None)
+  if fn is None:
+    raise ValueError(f'{path} defines no preprocessing_fn')
+  if len(inspect.signature(fn).parameters) == 2:
+    return lambda inputs: fn(inputs, config)
+  return fn
+
+
+def load_module(path):
+  """Imports a user's module file by path (TFX-style module files)."""
+  name = '_estpipe_user_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _mode_is_first_id(feature):
+  # A vocabulary is ordered by frequency, so the most frequent value has id
+  # 0: filling missing values with id 0 after the lookup gives the same ids
+  # as filling before it, without a second analyzer pass.
+  return (feature.transform == 'vocabulary' and
+          feature.default == 'most_frequent')
+
+
+def _dense(x, default):
+  """A VarLen input (at most one value per row) -> a dense [batch] tensor."""
+  if not isinstance(x, tf.SparseTensor):
+    return x
+  batch = x.dense_shape[0]
+  dense = tf.sparse.to_dense(
+      tf.SparseTensor(x.indices, x.values, tf.stack([batch, 1])),
+      default_value=tf.cast(default, x.dtype))
+  return tf.squeeze(dense, axis=1)
+
+
+def fill_missing(x, feature):
+  """Fills missing values with the feature's default (constant or computed)."""
+  if not isinstance(x, tf.SparseTensor):
+    return x
+  default = feature.default
+  if default == 'mean':
+    return _dense(x, tf.cast(tft.mean(tf.cast(x.values, tf.float32)),
+                             x.dtype))
+  if default == 'most_frequent':
+    return _dense(x, _most_frequent(x.values, feature.name))
+  if default is None:
+    default = '' if x.dtype == tf.string else 0
+  return _dense(x, tf.constant(default, dtype=x.dtype) if x.dtype ==
+                tf.string else tf.cast(default, x.dtype))
+
+
+def _most_frequent(values, name):
+  """The most frequent value in the training data, as a scalar tensor."""
+  as_text = values if values.dtype == tf.string else tf.strings.as_string(
+      values, shortest=True) if values.dtype.is_floating else \
+      tf.strings.as_string(values)
+  path = tft.vocabulary(as_text, top_k=1, vocab_filename=f'{name}__mode')
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.TextFileInitializer(
+          path, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string,
+          tf.lookup.TextFileIndex.WHOLE_LINE),
+      default_value='')
+  mode = table.lookup(tf.constant(0, tf.int64))
+  if values.dtype == tf.string:
+    return mode
+  return tf.strings.to_number(mode, out_type=values.dtype)
+
+
+def transform_feature(feature, x):
+  """One dense raw feature -> {output name: transformed tensor}."""
+  name, kind = feature.name, feature.transform
+  if kind == 'z_score':
+    return {name: tft.scale_to_z_score(tf.cast(x, tf.float32))}
+  if kind == 'scale_0_1':
+    return {name: tft.scale_to_0_1(tf.cast(x, tf.float32))}
+  if kind == 'log':
+    # log1p keeps zeros (common in money columns) at zero; negatives clip.
+    return {name: tf.math.log1p(tf.maximum(tf.cast(x, tf.float32), 0.0))}
+  if kind == 'bucketize':
+    return {name: tft.bucketize(tf.cast(x, tf.float32), feature.buckets)}
+  if kind == 'vocabulary':
+    return {name: _vocabulary(x, feature)}
+  if kind == 'hash':
+    ids = tf.strings.to_hash_bucket_fast(_as_string(x), feature.buckets)
+    schema_inference.set_tensor_schema_override(ids, tf.constant(0, tf.int64),
+                                                tf.constant(feature.buckets -
+                                                            1, tf.int64))
+    return {name: ids}
+  if kind == 'text':
+    return _text(x, feature)
+  if feature.type in ('integer', 'float'):
+    return {name: tf.cast(x, tf.float32)}
+  return {name: x}
+
+
+def _as_string(x):
+  return x if x.dtype == tf.string else tf.strings.as_string(x)
+
+
+def _vocabulary(x, feature):
+  return tft.compute_and_apply_vocabulary(
+      x, top_k=feature.top_k, frequency_threshold=feature.frequency_threshold,
+      num_oov_buckets=feature.oov_buckets, vocab_filename=feature.name)
+
+
+def _tokens(x, ngrams):
+  """Lower-cased whitespace tokens (and n-grams) as a SparseTensor."""
+  tokens = tf.strings.split(tf.strings.lower(x)).to_sparse()
+  if ngrams > 1:
+    tokens = tft.ngrams(tokens, (1, ngrams), separator=' ')
+  return tokens
+
+
+def _text(x, feature):
+  name = feature.name
+  if feature.text_output == 'vocabulary':
+    return {name: _vocabulary(_tokens(x, 1), feature)}
+  if feature.text_output == 'bag_of_words':
+    terms = tft.bag_of_words(_tokens(x, 1), (1, feature.ngrams),
+                             separator=' ')
+    return {name: _vocabulary(terms, feature)}
+  ids = _vocabulary(_tokens(x, feature.ngrams), feature)
+  # tft.tfidf needs a static upper bound on the ids; the real vocabulary
+  # size is only known after analysis, so bound it by top_k.
+  size_bound = (feature.top_k or 20000) + feature.oov_buckets
+  index, weights = tft.tfidf(ids, size_bound)
+  _annotate_ids(index.values, feature)
+  return {name: index, f'{name}_weights': weights}
+
+
+def _annotate_ids(ids, feature):
+  """Records the id range of a vocabulary output in the schema.
+
+  tft annotates the direct output of compute_and_apply_vocabulary; outputs
+  derived from it need the range set again so training can read it.
+  """
+  vocab_size = tft.experimental.get_vocabulary_size_by_name(feature.name)
+  schema_inference.set_tensor_schema_override(
+      ids, tf.constant(0, tf.int64),
+      tf.cast(vocab_size, tf.int64) + feature.oov_buckets - 1)
+  return ids

@@ -1,0 +1,228 @@
+"""Conversions between wire formats and numpy arrays for the model server.
+
+JSON follows TF Serving's REST API: strings are UTF-8 text or {"b64": ...};
+numbers must fit the input's dtype (no silent string-to-number parsing).
+TensorProto conversions use the typed value fields, as TF Serving does.
+tf.Example building follows TF Serving's Classify/Regress JSON rules.
+"""
+
+import base64
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.example import example_pb2
+from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import types_pb2
+
+from serving.errors import invalid
+
+# numpy kinds a JSON value may have for each target dtype kind.
+_ACCEPTED_KINDS = {'f': 'fiu', 'i': 'iu', 'u': 'iu', 'b': 'b'}
+_KIND_WORDS = {'f': 'a number', 'i': 'an integer', 'u': 'an integer',
+               'b': 'a boolean', 'U': 'a string', 'O': 'a mixed or null value'}
+
+
+def dtype_name(dtype):
+  return types_pb2.DataType.Name(tf.as_dtype(dtype).as_datatype_enum)
+
+
+def shape_str(shape):
+  return '[' + ','.join('?' if d is None or d < 0 else str(d)
+                        for d in shape) + ']'
+
+
+def json_to_array(value, name, dtype):
+  """A JSON value (nested lists of scalars) as an array of `dtype`."""
+  dtype = tf.as_dtype(dtype)
+  if dtype == tf.string:
+    return _json_to_strings(value, name)
+  try:
+    arr = np.asarray(value)
+  except ValueError:
+    raise invalid(f'input {name!r}: the nested lists are ragged; every row '
+                  'must have the same length') from None
+  target = np.dtype(dtype.as_numpy_dtype)
+  if arr.size == 0 and arr.dtype.kind == 'f':
+    return arr.astype(target)
+  if arr.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, ''):
+    got = _KIND_WORDS.get(arr.dtype.kind, arr.dtype.name)
+    if arr.dtype.kind == 'O' and _is_ragged(value):
+      raise invalid(f'input {name!r}: the nested lists are ragged; every row '
+                    'must have the same length')
+    raise invalid(f'input {name!r} expects {dtype_name(dtype)} values, got '
+                  f'{got}')
+  if target.kind in 'iu' and arr.size:
+    info = np.iinfo(target)
+    if arr.min() < info.min or arr.max() > info.max:
+      raise invalid(f'input {name!r}: value out of range for '
+                    f'{dtype_name(dtype)}')
+  return arr.astype(target, copy=False)
+
+
+def _is_ragged(value):
+  try:
+    np.asarray(value, dtype=object).shape  # pylint: disable=expression-not-assigned
+  except ValueError:
+    return True
+  return False
+
+
+def _json_to_strings(value, name):
+  shape = []
+  probe = value
+  while isinstance(probe, list):
+    shape.append(len(probe))
+    if not probe:
+      break
+    probe = probe[0]
+  flat = []
+  _flatten_strings(value, shape, 0, flat, name)
+  arr = np.empty(len(flat), dtype=object)
+  arr[:] = flat
+  return arr.reshape(shape)
+
+
+def _flatten_strings(value, shape, depth, out, name):
+  if depth == len(shape):
+    out.append(decode_string(value, name))
+    return
+  if not isinstance(value, list) or len(value) != shape[depth]:
+    raise invalid(f'input {name!r}: the nested lists are ragged; every row '
+                  'must have the same length')
+  for item in value:
+    _flatten_strings(item, shape, depth + 1, out, name)
+
+
+def decode_string(value, name):
+  """A JSON string value as bytes: text is UTF-8, {"b64": ...} is binary."""
+  if isinstance(value, str):
+    return value.encode('utf-8')
+  if isinstance(value, dict) and len(value) == 1 and 'b64' in value:
+    try:
+      return base64.b64decode(value['b64'], validate=True)
+    except (TypeError, ValueError):
+      raise invalid(f'input {name!r}: {{"b64": ...}} holds invalid base64'
+                    ) from None
+  raise invalid(f'input {name!r} expects DT_STRING values (text or '
+                f'{{"b64": ...}}), got {_describe(value)}')
+
+
+def _describe(value):
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + '...'
+
+
+def array_to_json(arr, name):
+  """An output array as nested JSON lists (strings as text or b64)."""
+  if arr.dtype.kind in 'OS':
+    binary = name.endswith('_bytes')
+    return _strings_to_json(arr.tolist(), binary)
+  return arr.tolist()
+
+
+def _strings_to_json(value, binary):
+  if isinstance(value, list):
+    return [_strings_to_json(v, binary) for v in value]
+  if not binary:
+    try:
+      return value.decode('utf-8')
+    except UnicodeDecodeError:
+      pass
+  return {'b64': base64.b64encode(value).decode('ascii')}
+
+
+def check_shape(arr, name, spec_shape):
+  """Raises a clear error unless `arr` fits the signature's input shape."""
+  if spec_shape is None:
+    return
+  if arr.ndim != len(spec_shape) or any(
+      want is not None and want >= 0 and want != got
+      for want, got in zip(spec_shape, arr.shape)):
+    raise invalid(f'input {name!r} has shape {shape_str(arr.shape)} but the '
+                  f'signature expects {shape_str(spec_shape)}')
+
+
+# TensorProto value fields for the dtypes clients send, as TF Serving fills
+# them (Tensor::AsProtoField); other dtypes go through tf.make_ndarray.
+_PROTO_FIELDS = {
+    types_pb2.DT_FLOAT: ('float_val', np.float32),
+    types_pb2.DT_DOUBLE: ('double_val', np.float64),
+    types_pb2.DT_INT32: ('int_val', np.int32),
+    types_pb2.DT_INT16: ('int_val', np.int16),
+    types_pb2.DT_INT8: ('int_val', np.int8),
+    types_pb2.DT_UINT8: ('int_val', np.uint8),
+    types_pb2.DT_UINT16: ('int_val', np.uint16),
+    types_pb2.DT_INT64: ('int64_val', np.int64),
+    types_pb2.DT_UINT32: ('uint32_val', np.uint32),
+    types_pb2.DT_UINT64: ('uint64_val', np.uint64),
+    types_pb2.DT_BOOL: ('bool_val', np.bool_),
+    types_pb2.DT_STRING: ('string_val', object),
+}
+
+
+def proto_to_array(proto, name):
+  """A TensorProto from a client as a numpy array."""
+  if proto.dtype == types_pb2.DT_INVALID:
+    raise invalid(f'input {name!r} has no dtype')
+  shape = [d.size for d in proto.tensor_shape.dim]
+  field = _PROTO_FIELDS.get(proto.dtype)
+  if proto.tensor_content or field is None or any(s < 0 for s in shape):
+    try:
+      return tf.make_ndarray(proto)
+    except (TypeError, ValueError) as e:
+      raise invalid(f'input {name!r}: cannot read the tensor: {e}') from None
+  values = getattr(proto, field[0])
+  if field[1] is object:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = list(values)
+  else:
+    arr = np.array(values, dtype=field[1])
+  size = int(np.prod(shape, dtype=np.int64))
+  if arr.size == size:
+    return arr.reshape(shape)
+  if arr.size == 1:  # TF's convention: one value fills the whole shape.
+    return np.full(shape, arr[0], dtype=arr.dtype)
+  raise invalid(f'input {name!r} has {arr.size} values for shape '
+                f'{shape_str(shape)} ({size} values)')
+
+
+def array_to_proto(arr):
+  """An output array as a TensorProto with typed value fields."""
+  dtype = tf.as_dtype(arr.dtype if arr.dtype != object else tf.string)
+  proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum)
+  for size in arr.shape:
+    proto.tensor_shape.dim.add(size=size)
+  field = _PROTO_FIELDS.get(proto.dtype)
+  if field is None:
+    return tf.make_tensor_proto(arr)
+  getattr(proto, field[0]).extend(arr.ravel().tolist())
+  return proto
+
+
+def json_to_example(features, where):
+  """A tf.Example from a JSON object {feature: value or list of values}."""
+  if not isinstance(features, dict):
+    raise invalid(f'{where} must be a JSON object of features, got '
+                  f'{_describe(features)}')
+  example = example_pb2.Example()
+  feature_map = example.features.feature
+  for key, value in features.items():
+    values = value if isinstance(value, list) else [value]
+    _fill_feature(feature_map[key], values, f'{where}.{key}')
+  return example
+
+
+def _fill_feature(feature, values, where):
+  if not values:
+    feature.float_list.SetInParent()
+    return
+  if all(isinstance(v, (str, dict)) for v in values):
+    feature.bytes_list.value.extend(decode_string(v, where) for v in values)
+  elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    feature.int64_list.value.extend(values)
+  elif all(isinstance(v, (int, float)) and not isinstance(v, bool)
+           for v in values):
+    feature.float_list.value.extend(values)
+  else:
+    raise invalid(f'{where}: a feature holds numbers or strings (text or '
+                  f'{{"b64": ...}}) of one kind, got {_describe(values)}')

@@ -1,0 +1,142 @@
+"""`estpipe` subcommands of the serving package.
+
+Each command is one `_add_<name>(subparsers)` function listed in _COMMANDS;
+heavy imports (TensorFlow, gRPC) happen when a command runs, so `estpipe
+--help` stays fast.
+"""
+
+import argparse
+import logging
+import os
+
+from pipeline.cli import UserError
+
+log = logging.getLogger('estpipe')
+
+
+def register(subparsers):
+  for add in _COMMANDS:
+    add(subparsers)
+
+
+def _bool(text):
+  """TF Serving style booleans: --flag, --flag=true, --flag=false."""
+  value = text.strip().lower()
+  if value in ('true', '1', 'yes'):
+    return True
+  if value in ('false', '0', 'no'):
+    return False
+  raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+def _add_serve(subparsers):
+  parser = subparsers.add_parser(
+      'serve', help='serve SavedModels over TF Serving\'s REST and gRPC APIs',
+      description='A drop-in for tensorflow_model_server: same flags, same '
+      'REST and gRPC APIs. Polls the base path, loading new versions and '
+      'unloading removed ones without failing requests.')
+  parser.add_argument('--port', type=int, default=8500,
+                      help='gRPC port (default 8500; 0 picks a free port)')
+  parser.add_argument('--rest_api_port', type=int, default=8501,
+                      help='REST port (default 8501; 0 disables REST)')
+  parser.add_argument('--host', default='127.0.0.1',
+                      help='interface to listen on (default 127.0.0.1; '
+                      '0.0.0.0 for all)')
+  parser.add_argument('--rest_api_host', default=None,
+                      help='interface for REST if different from --host')
+  parser.add_argument('--model_name', default='default',
+                      help='name of the model (with --model_base_path)')
+  parser.add_argument('--model_base_path', default=None,
+                      help='folder holding integer-named SavedModel versions')
+  parser.add_argument('--model_config_file', default=None,
+                      help='TF Serving ModelServerConfig in text format '
+                      '(several models, version policies and labels)')
+  parser.add_argument('--enable_batching', type=_bool, nargs='?', const=True,
+                      default=False, help='merge concurrent requests into '
+                      'batched signature calls')
+  parser.add_argument('--batching_parameters_file', default=None,
+                      help='TF Serving BatchingParameters in text format, '
+                      'e.g. "max_batch_size { value: 32 } '
+                      'batch_timeout_micros { value: 1000 }"')
+  parser.add_argument('--file_system_poll_wait_seconds', type=float,
+                      default=1, help='seconds between polls of the base '
+                      'paths (0: poll once at start, <0: never)')
+  parser.add_argument('--max_request_bytes', type=int, default=64 << 20,
+                      help='largest request body (REST) or message (gRPC) '
+                      'accepted (default 64 MiB)')
+  parser.add_argument('--grpc_max_threads', type=int, default=32,
+                      help='gRPC worker threads (default 32)')
+  parser.set_defaults(func=_serve)
+
+
+def serve_options(args):
+  """ServerOptions from parsed `serve` flags; UserError on bad flags."""
+  from serving import batching, server, versions  # pylint: disable=g-import-not-at-top
+  models = _model_configs(args, versions)
+  for model in models:
+    if not os.path.isdir(model.base_path):
+      raise UserError(f'model {model.name}: base path {model.base_path} does '
+                      'not exist')
+  if args.max_request_bytes < 1:
+    raise UserError('--max_request_bytes must be positive')
+  if args.grpc_max_threads < 1:
+    raise UserError('--grpc_max_threads must be positive')
+  return server.ServerOptions(
+      models=models, grpc_port=args.port,
+      rest_port=args.rest_api_port or None, host=args.host,
+      rest_host=args.rest_api_host,
+      poll_wait_seconds=args.file_system_poll_wait_seconds,
+      batching=_batching_options(args, batching),
+      max_body_bytes=args.max_request_bytes,
+      grpc_max_workers=args.grpc_max_threads)
+
+
+def _model_configs(args, versions):
+  if args.model_config_file and args.model_base_path:
+    raise UserError('give either --model_config_file or --model_base_path, '
+                    'not both')
+  if args.model_config_file:
+    try:
+      with open(args.model_config_file) as f:
+        text = f.read()
+    except OSError as e:
+      raise UserError(f'cannot read --model_config_file: {e}') from None
+    try:
+      return versions.parse_model_config_text(text, args.model_config_file)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+  if not args.model_base_path:
+    raise UserError('give --model_base_path (with --model_name) or '
+                    '--model_config_file')
+  return [versions.ModelConfig(name=args.model_name,
+                               base_path=os.path.abspath(args.model_base_path))]
+
+
+def _batching_options(args, batching):
+  if not args.enable_batching:
+    if args.batching_parameters_file:
+      raise UserError('--batching_parameters_file needs --enable_batching')
+    return None
+  if not args.batching_parameters_file:
+    return batching.BatchingOptions()
+  try:
+    with open(args.batching_parameters_file) as f:
+      return batching.parse_batching_parameters(f.read())
+  except OSError as e:
+    raise UserError(f'cannot read --batching_parameters_file: {e}') from None
+  except Exception as e:  # text_format.ParseError or a bad value
+    raise UserError(f'{args.batching_parameters_file}: {e}') from None
+
+
+def _serve(args):
+  from serving import server  # pylint: disable=g-import-not-at-top
+  options = serve_options(args)
+  try:
+    server.serve_until_signal(server.ModelServer(options))
+  except OSError as e:
+    raise UserError(f'cannot start the server: {e}') from None
+  return 0
+
+
+# The serving package's commands, in --help order.
+_COMMANDS = [_add_serve]

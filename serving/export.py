@@ -1,0 +1,380 @@
+"""SavedModel exports that TF Serving, saved_model_cli and RunInference read.
+
+Every export lives in RUN_DIR/export/<version>/, the base-path layout TF
+Serving watches: it serves the highest integer version and ignores other
+names. The tf.Transform graph is part of every export, so clients send raw
+features and can never feed a transform that differs from training.
+
+One SavedModel carries two signature families over the same graph:
+  - serialized tf.Example in (`serving_default`, `classification` or
+    `regression`, `predict`), as canned Estimators export them, for
+    `:classify`, `:regress` and tfx-bsl RunInference;
+  - `raw:predict`: one dense tensor per raw feature, for JSON clients.
+The second works because each parsed raw feature is a
+`placeholder_with_default` over the parsed value: feeding it bypasses the
+parser, not feeding it keeps the tf.Example path.
+
+Missing values on the raw-feature signature: a string equal to '' or to one of
+`data.missing`, or a NaN number. They reach the transform as absent values,
+exactly as a missing CSV field does in preprocessing.
+"""
+
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+
+import tensorflow as tf
+
+from pipeline import runrecord
+
+log = logging.getLogger('estpipe')
+
+# The receiver tensor names canned Estimators use; the classify/regress
+# signatures rename the single string input to 'inputs' themselves.
+EXAMPLES_KEY = 'examples'
+RAW_RECEIVER = 'raw'
+RAW_SIGNATURE = 'raw:predict'
+# Per-version metadata, in the folder TF Serving reserves for extra files.
+METADATA_FILE = os.path.join('assets.extra', 'estpipe_export.json')
+EXPORTER_NAMES = ('latest', 'best', 'final')
+# Metrics where a smaller value is better (for the best exporter's default).
+_SMALLER_IS_BETTER = re.compile(r'loss|error|mse|mae|rmse', re.IGNORECASE)
+
+
+# --- the serving input receiver ----------------------------------------------
+
+def serving_feature_spec(config):
+  """The raw feature spec of the serving inputs: features only, no label."""
+  from preprocessing import schema  # pylint: disable=g-import-not-at-top
+  return schema.serving_feature_spec(config)
+
+
+def raw_input_dtype(spec_dtype):
+  """The dtype of a raw-feature signature input for a raw column dtype.
+
+  Numbers travel as float64 so that NaN can say "missing" for integer columns
+  too (exact for integers below 2**53); strings stay strings.
+  """
+  return tf.string if spec_dtype == tf.string else tf.float64
+
+
+def _densify(name, sparse, missing_value):
+  """[batch, <=1] raw SparseTensor -> dense [batch], missing_value if absent."""
+  check = tf.debugging.assert_less_equal(
+      sparse.dense_shape[1], tf.constant(1, tf.int64),
+      message=f'raw feature {name!r} has more than one value in an example')
+  with tf.control_dependencies([check]):
+    one_column = tf.SparseTensor(
+        sparse.indices, sparse.values,
+        tf.stack([sparse.dense_shape[0], tf.constant(1, tf.int64)]))
+  dense = tf.sparse.to_dense(one_column, default_value=missing_value)
+  return tf.reshape(dense, [-1])
+
+
+def _is_present(values, missing_tokens):
+  if values.dtype == tf.string:
+    present = tf.not_equal(values, '')
+    for token in missing_tokens:
+      present = tf.logical_and(present, tf.not_equal(values, token))
+    return present
+  return tf.logical_not(tf.math.is_nan(values))
+
+
+def _sparsify(name, values, spec_dtype, missing_tokens):
+  """Dense raw input [batch] -> the VarLen SparseTensor preprocessing saw.
+
+  Strings are stripped and missing tokens dropped as the raw row parser
+  (preprocessing.rows) does, so serving sees what training saw.
+  """
+  if values.dtype == tf.string:
+    values = tf.strings.strip(values)
+  present = _is_present(values, missing_tokens)
+  kept = tf.boolean_mask(values, present)
+  if spec_dtype.is_integer:
+    whole = tf.debugging.assert_equal(
+        tf.math.floor(kept), kept,
+        message=f'raw feature {name!r} is an integer column; got a fraction')
+    with tf.control_dependencies([whole]):
+      kept = tf.cast(kept, spec_dtype)
+  elif kept.dtype != spec_dtype:
+    kept = tf.cast(kept, spec_dtype)
+  rows = tf.where(present)
+  indices = tf.concat([rows, tf.zeros_like(rows)], axis=1)
+  batch = tf.shape(values, out_type=tf.int64)[0]
+  return tf.SparseTensor(indices, kept, tf.stack([batch, 1]))
+
+
+def _signature_safe(name):
+  return re.sub(r'[^A-Za-z0-9_.]', '_', name)
+
+
+def serving_input_receiver_fn(config):
+  """The Estimator serving input receiver fn for this pipeline's exports.
+
+  Parses serialized tf.Example with the raw feature spec, offers each parsed
+  feature as a feedable raw input, then applies the tf.Transform graph. The
+  returned features are the transformed features without the label: what
+  the model_fn receives in training.
+  """
+  import tensorflow_transform as tft  # pylint: disable=g-import-not-at-top
+  spec = serving_feature_spec(config)
+  missing_tokens = list(config.data.missing)
+  transform_dir = config.transform_dir
+  label = config.label.name
+
+  def receiver_fn():
+    serialized = tf.compat.v1.placeholder(
+        tf.string, [None], name='input_example_tensor')
+    parsed = tf.io.parse_example(serialized, spec)
+    raw_inputs, raw_features = {}, {}
+    for name in sorted(spec):
+      dtype = spec[name].dtype
+      missing = '' if dtype == tf.string else float('nan')
+      sparse = parsed[name]
+      sparse = tf.SparseTensor(sparse.indices,
+                               tf.cast(sparse.values, raw_input_dtype(dtype)),
+                               sparse.dense_shape)
+      dense = _densify(name, sparse, missing)
+      raw = tf.compat.v1.placeholder_with_default(
+          dense, [None], name=f'raw_{_signature_safe(name)}')
+      raw_inputs[name] = raw
+      raw_features[name] = _sparsify(name, raw, dtype, missing_tokens)
+    # A fresh TFTransformOutput per graph: its cached Keras layer holds
+    # resources of the graph it was first called in.
+    tft_output = tft.TFTransformOutput(transform_dir)
+    transformed = tft_output.transform_raw_features(
+        raw_features, drop_unused_features=True)
+    features = {k: v for k, v in transformed.items() if k != label}
+    return tf.estimator.export.ServingInputReceiver(
+        features, {EXAMPLES_KEY: serialized},
+        receiver_tensors_alternatives={RAW_RECEIVER: raw_inputs})
+
+  return receiver_fn
+
+
+# --- versions in RUN_DIR/export ------------------------------------------------
+
+def list_versions(export_dir):
+  """Integer version folders under export_dir, ascending."""
+  if not os.path.isdir(export_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(export_dir)
+                if n.isdigit() and
+                os.path.isdir(os.path.join(export_dir, n)))
+
+
+def version_dir(config, version=None):
+  """The folder of one export version; the newest when version is None."""
+  versions = list_versions(config.export_dir)
+  if version is None:
+    if not versions:
+      raise FileNotFoundError(f'no export under {config.export_dir}')
+    version = versions[-1]
+  elif version not in versions:
+    raise FileNotFoundError(f'no export version {version} under '
+                            f'{config.export_dir} (have: {versions})')
+  return os.path.join(config.export_dir, str(version))
+
+
+def read_metadata(path):
+  meta_path = os.path.join(path, METADATA_FILE)
+  if not os.path.exists(meta_path):
+    return {}
+  return runrecord.read_json(meta_path)
+
+
+def _next_version(export_dir):
+  """Seconds since the epoch, as Estimators do, but always above the newest.
+
+  TF Serving serves the highest number, so the newest export must be it.
+  """
+  versions = list_versions(export_dir)
+  return max([int(time.time())] + [v + 1 for v in versions])
+
+
+def _publish_version(staged, export_dir):
+  """Renames a finished SavedModel to export_dir/<version>, atomically."""
+  os.makedirs(export_dir, exist_ok=True)
+  while True:
+    version = _next_version(export_dir)
+    target = os.path.join(export_dir, str(version))
+    try:
+      os.mkdir(target)  # claim the number; rename replaces an empty folder
+    except FileExistsError:
+      continue
+    os.replace(staged, target)
+    return version, target
+
+
+def remove_version(export_dir, version):
+  """Deletes one version; TF Serving never sees it half deleted."""
+  path = os.path.join(export_dir, str(version))
+  doomed = os.path.join(export_dir, f'.deleting-{version}-{uuid.uuid4().hex}')
+  os.replace(path, doomed)
+  shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _global_step(checkpoint_path):
+  try:
+    return int(tf.train.load_variable(checkpoint_path, 'global_step'))
+  except (tf.errors.NotFoundError, ValueError):
+    return None
+
+
+def export_saved_model(config, estimator, checkpoint_path=None,
+                       exporter='manual', metrics=None):
+  """Exports one checkpoint to RUN_DIR/export/<version>; returns the path.
+
+  The SavedModel is written under RUN_DIR/.staging and renamed into place,
+  so a watcher sees either no version or a complete one.
+  """
+  checkpoint_path = checkpoint_path or estimator.latest_checkpoint()
+  if not checkpoint_path:
+    raise FileNotFoundError(f'no checkpoint in {estimator.model_dir}')
+  receiver_fn = serving_input_receiver_fn(config)
+  with runrecord.staging_dir(config.run_dir, 'export') as staging:
+    written = estimator.export_saved_model(
+        staging, receiver_fn, checkpoint_path=checkpoint_path)
+    written = written.decode() if isinstance(written, bytes) else written
+    runrecord.write_json(os.path.join(written, METADATA_FILE), {
+        'exporter': exporter,
+        'checkpoint': checkpoint_path,
+        'global_step': _global_step(checkpoint_path),
+        'metrics': _plain_metrics(metrics),
+        'time': runrecord.now(),
+    })
+    version, target = _publish_version(written, config.export_dir)
+  log.info('exported %s (%s) to %s', checkpoint_path, exporter, target)
+  return target
+
+
+def _plain_metrics(metrics):
+  if not metrics:
+    return None
+  plain = {}
+  for key, value in metrics.items():
+    try:
+      plain[key] = float(value)
+    except (TypeError, ValueError):
+      continue
+  return plain
+
+
+def versions_by_exporter(export_dir, exporter):
+  """Versions an exporter wrote, ascending, with their metadata."""
+  found = []
+  for version in list_versions(export_dir):
+    meta = read_metadata(os.path.join(export_dir, str(version)))
+    if meta.get('exporter') == exporter:
+      found.append((version, meta))
+  return found
+
+
+def garbage_collect(export_dir, exporter, keep):
+  """Keeps the newest `keep` versions of one exporter; removes the rest."""
+  found = versions_by_exporter(export_dir, exporter)
+  for version, _ in found[:max(0, len(found) - keep)]:
+    log.info('removing old export %s/%d (%s)', export_dir, version, exporter)
+    remove_version(export_dir, version)
+
+
+# --- exporters for train_and_evaluate -------------------------------------------
+
+class RunDirExporter(tf.estimator.Exporter):
+  """Exports into RUN_DIR/export/<version> instead of model_dir/export/NAME.
+
+  Subclasses decide when to export; all versions share one TF Serving base
+  path and each exporter garbage collects only its own versions.
+  """
+
+  def __init__(self, config, name):
+    self._config = config
+    self._name = name
+
+  @property
+  def name(self):
+    return self._name
+
+  def should_export(self, eval_result, is_the_final_export):
+    raise NotImplementedError
+
+  def export(self, estimator, export_path, checkpoint_path, eval_result,
+             is_the_final_export):
+    del export_path  # model_dir/export/NAME: not the TF Serving layout
+    if not self.should_export(eval_result, is_the_final_export):
+      return None
+    path = export_saved_model(self._config, estimator, checkpoint_path,
+                              exporter=self._name, metrics=eval_result)
+    garbage_collect(self._config.export_dir, self._name,
+                    self._config.export.keep)
+    return path
+
+
+class LatestRunDirExporter(RunDirExporter):
+  """Exports after every evaluation; keeps the newest `export.keep`."""
+
+  def __init__(self, config):
+    super().__init__(config, 'latest')
+
+  def should_export(self, eval_result, is_the_final_export):
+    return True
+
+
+class FinalRunDirExporter(RunDirExporter):
+  """Exports once, after the last evaluation of training."""
+
+  def __init__(self, config):
+    super().__init__(config, 'final')
+
+  def should_export(self, eval_result, is_the_final_export):
+    return is_the_final_export
+
+
+class BestRunDirExporter(RunDirExporter):
+  """Exports when `export.best_metric` beats every earlier best export.
+
+  The best value so far is read back from the exports' metadata, so a
+  restarted training keeps comparing against the real best.
+  """
+
+  def __init__(self, config):
+    super().__init__(config, 'best')
+    self._metric = config.export.best_metric or 'loss'
+    self._smaller_is_better = best_is_smaller(config)
+
+  def should_export(self, eval_result, is_the_final_export):
+    if self._metric not in eval_result:
+      raise ValueError(f'export.best_metric {self._metric!r} is not an eval '
+                       f'metric; have {", ".join(sorted(eval_result))}')
+    value = float(eval_result[self._metric])
+    best = self._best_so_far()
+    if best is None:
+      return True
+    return value < best if self._smaller_is_better else value > best
+
+  def _best_so_far(self):
+    values = [meta['metrics'][self._metric] for _, meta in
+              versions_by_exporter(self._config.export_dir, self._name)
+              if self._metric in (meta.get('metrics') or {})]
+    if not values:
+      return None
+    return min(values) if self._smaller_is_better else max(values)
+
+
+def best_is_smaller(config):
+  mode = config.export.best_mode
+  if mode == 'auto':
+    return bool(_SMALLER_IS_BETTER.search(config.export.best_metric or 'loss'))
+  return mode == 'min'
+
+
+_EXPORTERS = {'latest': LatestRunDirExporter, 'best': BestRunDirExporter,
+              'final': FinalRunDirExporter}
+
+
+def make_exporters(config):
+  """The EvalSpec exporters named by `export.exporters`, in config order."""
+  return [_EXPORTERS[name](config) for name in config.export.exporters]

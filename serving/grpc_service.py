@@ -1,0 +1,217 @@
+"""TF Serving's gRPC API on the servicers tensorflow-serving-api ships.
+
+tensorflow.serving.PredictionService: Predict, Classify, Regress,
+GetModelMetadata; tensorflow.serving.ModelService: GetModelStatus. Status
+and metadata responses are built here as protos and also rendered as JSON
+for the REST API, so the two always agree.
+"""
+
+import concurrent.futures
+import logging
+
+import grpc
+from google.protobuf import json_format
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import regression_pb2
+
+from serving import codec
+from serving.errors import ServingError, invalid
+from serving.versions import END
+
+log = logging.getLogger('estpipe')
+
+_STATE = get_model_status_pb2.ModelVersionStatus.State
+
+
+def start(core, host, port, max_workers, max_message_bytes):
+  """Starts the gRPC server; returns (server, bound port)."""
+  server = grpc.server(
+      concurrent.futures.ThreadPoolExecutor(max_workers=max_workers,
+                                            thread_name_prefix='grpc'),
+      options=[('grpc.max_receive_message_length', max_message_bytes),
+               ('grpc.max_send_message_length', -1),
+               ('grpc.so_reuseport', 0)])
+  prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+      PredictionService(core), server)
+  model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+      ModelService(core), server)
+  bound = server.add_insecure_port(f'{_host(host)}:{port}')
+  if not bound:
+    raise OSError(f'cannot listen for gRPC on {host}:{port}')
+  server.start()
+  return server, bound
+
+
+def _host(host):
+  return f'[{host}]' if ':' in host and not host.startswith('[') else host
+
+
+def _rpc(method):
+  """Runs an RPC as an in-flight request; ServingError -> gRPC status."""
+  def wrapper(self, request, context):
+    with self.core.request():
+      try:
+        return method(self, request, context)
+      except ServingError as e:
+        context.abort(e.code, e.message)
+      except Exception as e:  # pylint: disable=broad-except
+        log.exception('gRPC %s failed', method.__name__)
+        context.abort(grpc.StatusCode.INTERNAL, f'Internal error: {e}')
+  wrapper.__name__ = method.__name__
+  return wrapper
+
+
+def resolve_spec(core, model_spec):
+  """The ServableVersion a request's ModelSpec names."""
+  if not model_spec.name:
+    raise invalid('model_spec.name is required')
+  version = model_spec.version.value if model_spec.HasField('version') else None
+  label = model_spec.version_label or None
+  return core.resolve(model_spec.name, version, label)
+
+
+def _fill_spec(spec, servable, signature_key=None):
+  spec.name = servable.name
+  spec.version.value = servable.version
+  if signature_key is not None:
+    spec.signature_name = signature_key
+
+
+def serialized_examples(input_proto):
+  """Serialized tf.Examples of a tensorflow.serving.Input."""
+  kind = input_proto.WhichOneof('kind')
+  if kind == 'example_list':
+    return [e.SerializeToString() for e in input_proto.example_list.examples]
+  if kind == 'example_list_with_context':
+    data = input_proto.example_list_with_context
+    # Protobuf merge semantics: an example's features win over the context's.
+    context = data.context.SerializeToString()
+    return [context + e.SerializeToString() for e in data.examples]
+  raise invalid('Input is empty: set example_list or '
+                'example_list_with_context')
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+  """tensorflow.serving.PredictionService."""
+
+  def __init__(self, core):
+    self.core = core
+
+  @_rpc
+  def Predict(self, request, context):  # pylint: disable=invalid-name
+    servable = resolve_spec(self.core, request.model_spec)
+    signature = servable.signature(request.model_spec.signature_name)
+    inputs = {name: codec.proto_to_array(proto, name)
+              for name, proto in request.inputs.items()}
+    outputs = self.core.predict(signature, inputs,
+                                list(request.output_filter))
+    response = predict_pb2.PredictResponse()
+    _fill_spec(response.model_spec, servable, signature.key)
+    for name, value in outputs.items():
+      response.outputs[name].CopyFrom(codec.array_to_proto(value))
+    return response
+
+  @_rpc
+  def Classify(self, request, context):  # pylint: disable=invalid-name
+    servable = resolve_spec(self.core, request.model_spec)
+    signature = servable.signature(request.model_spec.signature_name)
+    results = self.core.classify(signature, serialized_examples(request.input))
+    response = classification_pb2.ClassificationResponse()
+    _fill_spec(response.model_spec, servable, signature.key)
+    for result in results:
+      classifications = response.result.classifications.add()
+      for label, score in result:
+        classifications.classes.add(label=_text(label), score=score)
+    return response
+
+  @_rpc
+  def Regress(self, request, context):  # pylint: disable=invalid-name
+    servable = resolve_spec(self.core, request.model_spec)
+    signature = servable.signature(request.model_spec.signature_name)
+    values = self.core.regress(signature, serialized_examples(request.input))
+    response = regression_pb2.RegressionResponse()
+    _fill_spec(response.model_spec, servable, signature.key)
+    for value in values:
+      response.result.regressions.add(value=value)
+    return response
+
+  @_rpc
+  def GetModelMetadata(self, request, context):  # pylint: disable=invalid-name
+    unsupported = [f for f in request.metadata_field if f != 'signature_def']
+    if unsupported or not request.metadata_field:
+      raise invalid('metadata_field must be ["signature_def"], got '
+                    f'{list(request.metadata_field)}')
+    servable = resolve_spec(self.core, request.model_spec)
+    return metadata_response(servable)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+  """tensorflow.serving.ModelService (status only)."""
+
+  def __init__(self, core):
+    self.core = core
+
+  @_rpc
+  def GetModelStatus(self, request, context):  # pylint: disable=invalid-name
+    spec = request.model_spec
+    if not spec.name:
+      raise invalid('model_spec.name is required')
+    version = spec.version.value if spec.HasField('version') else None
+    return status_response(self.core, spec.name, version,
+                           spec.version_label or None)
+
+
+def _text(label):
+  return label.decode('utf-8', 'replace') if isinstance(label, bytes) else label
+
+
+def metadata_response(servable):
+  response = get_model_metadata_pb2.GetModelMetadataResponse()
+  _fill_spec(response.model_spec, servable)
+  signatures = get_model_metadata_pb2.SignatureDefMap()
+  for key, signature_def in servable.signature_defs.items():
+    signatures.signature_def[key].CopyFrom(signature_def)
+  response.metadata['signature_def'].Pack(signatures)
+  return response
+
+
+def status_response(core, name, version=None, label=None):
+  response = get_model_status_pb2.GetModelStatusResponse()
+  for number, status in core.statuses(name, version, label):
+    entry = response.model_version_status.add(
+        version=number, state=_STATE.Value(status.state))
+    if status.state == END and status.error:
+      entry.status.error_code = 2  # UNKNOWN: the load failed
+      entry.status.error_message = status.error
+  return response
+
+
+def _to_dict(message):
+  try:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True,
+        including_default_value_fields=True)
+  except TypeError:  # protobuf >= 5 renamed the flag
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True)
+
+
+def status_json(core, name, version=None, label=None):
+  return _to_dict(status_response(core, name, version, label))
+
+
+def metadata_json(servable):
+  """TF Serving's REST metadata: model_spec plus the SignatureDefMap."""
+  response = metadata_response(servable)
+  signatures = get_model_metadata_pb2.SignatureDefMap()
+  response.metadata['signature_def'].Unpack(signatures)
+  return {'model_spec': _to_dict(response.model_spec),
+          'metadata': {'signature_def': json_format.MessageToDict(
+              signatures, preserving_proto_field_name=True)}}
+

@@ -1,0 +1,116 @@
+"""A loaded SavedModel version and its callable signatures.
+
+Signatures are handled generically from their input/output specs, so any
+export works: canned Estimator exports (one serialized tf.Example input) and
+per-feature signatures (one tensor per raw feature) alike.
+"""
+
+import logging
+import os
+
+import grpc
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.protobuf import saved_model_pb2
+
+from serving.errors import ServingError, from_tf_error, invalid
+
+log = logging.getLogger('estpipe')
+
+SERVE_TAG = 'serve'
+DEFAULT_SIGNATURE = 'serving_default'
+PREDICT_METHOD = 'tensorflow/serving/predict'
+CLASSIFY_METHOD = 'tensorflow/serving/classify'
+REGRESS_METHOD = 'tensorflow/serving/regress'
+
+
+def is_complete_export(path):
+  """Whether `path` holds a finished SavedModel (exporters write it last)."""
+  return (os.path.isfile(os.path.join(path, 'saved_model.pb')) or
+          os.path.isfile(os.path.join(path, 'saved_model.pbtxt')))
+
+
+class Signature:
+  """One signature of a loaded version: specs, method and the function."""
+
+  def __init__(self, key, signature_def, function):
+    self.key = key
+    self.method_name = signature_def.method_name
+    self.function = function
+    _, kwargs = function.structured_input_signature
+    # name -> (tf.DType, shape list with None for unknown dims)
+    self.inputs = {name: (spec.dtype, spec.shape.as_list()
+                          if spec.shape.rank is not None else None)
+                   for name, spec in kwargs.items()}
+    self.outputs = {name: (t.dtype, t.shape.as_list()
+                           if t.shape.rank is not None else None)
+                    for name, t in function.structured_outputs.items()}
+    # Merging requests along dim 0 is only valid when every input and
+    # output is batched (unknown leading dimension).
+    self.batchable = bool(self.inputs) and all(
+        shape and shape[0] is None
+        for _, shape in list(self.inputs.values()) +
+        list(self.outputs.values()))
+    self.batcher = None  # set by the server when batching is on
+
+  def run(self, inputs):
+    """Calls the signature on numpy inputs; returns numpy outputs."""
+    if self.batcher is not None and self.batchable:
+      return self.batcher.run(self, inputs)
+    return self.call(inputs)
+
+  def call(self, inputs):
+    try:
+      outputs = self.function(**inputs)
+    except tf.errors.OpError as e:
+      raise from_tf_error(e) from None
+    except (TypeError, ValueError) as e:
+      raise invalid(f'signature {self.key!r} rejected the inputs: '
+                    f'{str(e).splitlines()[0]}') from None
+    return {name: value.numpy() for name, value in outputs.items()}
+
+
+class ServableVersion:
+  """One loaded version of a model."""
+
+  def __init__(self, name, version, path):
+    self.name = name
+    self.version = version
+    self.path = path
+    self.meta_graph = _read_meta_graph(path)
+    self._loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+    self.signatures = {}
+    for key, function in self._loaded.signatures.items():
+      signature_def = self.meta_graph.signature_def[key]
+      self.signatures[key] = Signature(key, signature_def, function)
+
+  @property
+  def signature_defs(self):
+    return self.meta_graph.signature_def
+
+  def signature(self, key):
+    key = key or DEFAULT_SIGNATURE
+    signature = self.signatures.get(key)
+    if signature is None:
+      # TF Serving's wording and code (FAILED_PRECONDITION, HTTP 400).
+      raise ServingError(
+          grpc.StatusCode.FAILED_PRECONDITION,
+          f'Serving signature key "{key}" not found. Available: '
+          f'{", ".join(sorted(self.signatures))}')
+    return signature
+
+
+def _read_meta_graph(path):
+  """The 'serve' MetaGraphDef, for SignatureDefs as TF Serving reports them."""
+  saved_model = saved_model_pb2.SavedModel()
+  pb = os.path.join(path, 'saved_model.pb')
+  if os.path.isfile(pb):
+    with open(pb, 'rb') as f:
+      saved_model.ParseFromString(f.read())
+  else:
+    with open(os.path.join(path, 'saved_model.pbtxt')) as f:
+      text_format.Parse(f.read(), saved_model)
+  for meta_graph in saved_model.meta_graphs:
+    if SERVE_TAG in meta_graph.meta_info_def.tags:
+      return meta_graph
+  raise ValueError(f'{path} has no MetaGraph tagged {SERVE_TAG!r}')

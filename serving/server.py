@@ -1,0 +1,230 @@
+"""The model server: versions, batching, REST and gRPC in one process.
+
+`ModelServer` owns the model manager and the two front ends and implements
+the protocol-neutral operations (predict / classify / regress on numpy
+values) that serving/rest.py and serving/grpc_service.py translate to and
+from their wire formats, so both protocols validate and answer alike.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from typing import List, Optional
+
+import numpy as np
+
+from serving import models as models_lib
+from serving.batching import Batcher, BatchingOptions
+from serving.codec import check_shape, dtype_name
+from serving.errors import invalid
+from serving.versions import ModelConfig, ModelManager
+
+log = logging.getLogger('estpipe')
+
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+
+
+@dataclasses.dataclass
+class ServerOptions:
+  """Everything `estpipe serve` configures (see serving/commands.py)."""
+  models: List[ModelConfig]
+  grpc_port: Optional[int] = 8500  # None: no gRPC; 0: any free port
+  rest_port: Optional[int] = 8501  # None: no REST; 0: any free port
+  host: str = '127.0.0.1'
+  rest_host: Optional[str] = None  # defaults to host
+  poll_wait_seconds: float = 1.0
+  batching: Optional[BatchingOptions] = None
+  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+  grpc_max_workers: int = 32
+  shutdown_grace_seconds: float = 30.0
+
+
+class ModelServer:
+  """Serves the configured models until `stop()`."""
+
+  def __init__(self, options):
+    self.options = options
+    self.batcher = Batcher(options.batching) if options.batching else None
+    self.manager = ModelManager(options.models, options.poll_wait_seconds,
+                                on_load=self._attach_batcher)
+    self._inflight = 0
+    self._idle = threading.Condition()
+    self.draining = False
+    self._rest = None
+    self._grpc = None
+    self.grpc_port = None
+    self.rest_port = None
+
+  def _attach_batcher(self, servable):
+    if self.batcher is not None:
+      for signature in servable.signatures.values():
+        signature.batcher = self.batcher
+
+  def start(self):
+    """Loads the current versions, then opens the ports."""
+    self.manager.start()
+    opts = self.options
+    if opts.grpc_port is not None:
+      from serving import grpc_service  # pylint: disable=g-import-not-at-top
+      self._grpc, self.grpc_port = grpc_service.start(
+          self, opts.host, opts.grpc_port, opts.grpc_max_workers,
+          opts.max_body_bytes)
+      log.info('gRPC API at %s:%d', opts.host, self.grpc_port)
+    if opts.rest_port is not None:
+      from serving import rest  # pylint: disable=g-import-not-at-top
+      host = opts.rest_host or opts.host
+      self._rest = rest.start(self, host, opts.rest_port)
+      self.rest_port = self._rest.server_address[1]
+      log.info('REST API at http://%s:%d/v1/models/%s', host, self.rest_port,
+               self.manager.model_names[0])
+    return self
+
+  def stop(self, grace=None):
+    """Stops taking requests, finishes the in-flight ones, then stops."""
+    grace = self.options.shutdown_grace_seconds if grace is None else grace
+    self.draining = True
+    if self._rest is not None:
+      self._rest.shutdown()  # no new connections; open ones close after
+    stopped = self._grpc.stop(grace) if self._grpc is not None else None
+    with self._idle:
+      self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
+    if stopped is not None:
+      stopped.wait(grace)
+    if self._rest is not None:
+      self._rest.server_close()
+    if self.batcher is not None:
+      self.batcher.stop()
+    self.manager.stop()
+
+  @contextlib.contextmanager
+  def request(self):
+    """Counts a request as in flight, so shutdown waits for it."""
+    with self._idle:
+      self._inflight += 1
+    try:
+      yield
+    finally:
+      with self._idle:
+        self._inflight -= 1
+        if not self._inflight:
+          self._idle.notify_all()
+
+  # Protocol-neutral operations.
+
+  def resolve(self, name, version=None, label=None):
+    if version is not None and label is not None:
+      raise invalid('Only one of version or version_label may be specified')
+    return self.manager.resolve(name, version, label)
+
+  def predict(self, signature, inputs, output_filter=None):
+    """Runs a signature on {input name: array}; returns {output: array}."""
+    _check_input_names(signature, inputs)
+    for name, value in inputs.items():
+      dtype, shape = signature.inputs[name]
+      if value.dtype != dtype.as_numpy_dtype and not (
+          dtype.name == 'string' and value.dtype.kind in 'OS'):
+        raise invalid(f'input {name!r} is {dtype_name(value.dtype)} but '
+                      f'signature {signature.key!r} expects '
+                      f'{dtype_name(dtype)}')
+      check_shape(value, name, shape)
+    if output_filter:
+      unknown = sorted(set(output_filter) - set(signature.outputs))
+      if unknown:
+        raise invalid(f'output_filter names unknown outputs {unknown}; '
+                      f'signature {signature.key!r} has '
+                      f'{sorted(signature.outputs)}')
+    outputs = signature.run(inputs)
+    if output_filter:
+      outputs = {k: v for k, v in outputs.items() if k in output_filter}
+    return outputs
+
+  def classify(self, signature, serialized):
+    """[[(label bytes, score)] per example] from a classification signature."""
+    outputs = self._run_examples(signature, serialized,
+                                 models_lib.CLASSIFY_METHOD, 'classification')
+    classes = outputs.get('classes')
+    scores = outputs.get('scores')
+    if classes is None and scores is None:
+      raise invalid('Expected classification signature outputs to contain '
+                    'classes or scores')
+    count = len(serialized)
+    for key, value in (('classes', classes), ('scores', scores)):
+      if value is not None and (value.ndim != 2 or value.shape[0] != count):
+        raise invalid(f'Expected {key} output of shape [{count}, k], got '
+                      f'{list(value.shape)}')
+    width = (classes if classes is not None else scores).shape[1]
+    results = []
+    for i in range(count):
+      labels = classes[i].tolist() if classes is not None else [b''] * width
+      values = scores[i].tolist() if scores is not None else [0.0] * width
+      results.append(list(zip(labels, values)))
+    return results
+
+  def regress(self, signature, serialized):
+    """[value per example] from a regression signature."""
+    outputs = self._run_examples(signature, serialized,
+                                 models_lib.REGRESS_METHOD, 'regression')
+    values = outputs.get('outputs')
+    count = len(serialized)
+    if values is None:
+      raise invalid('Expected regression signature to have an "outputs" '
+                    'output')
+    if values.size != count or values.shape[0] != count:
+      raise invalid(f'Expected outputs of shape [{count}] or [{count}, 1], '
+                    f'got {list(values.shape)}')
+    return values.reshape(count).tolist()
+
+  def _run_examples(self, signature, serialized, method, kind):
+    if signature.method_name != method:
+      raise invalid(f'Expected {kind} signature method_name to be {method}. '
+                    f'Was: {signature.method_name}')
+    if len(signature.inputs) != 1:
+      raise invalid(f'Expected one input tensor in the {kind} signature, got '
+                    f'{len(signature.inputs)}')
+    if not serialized:
+      raise invalid('Input is empty: send at least one example')
+    (name,) = signature.inputs
+    batch = np.empty(len(serialized), dtype=object)
+    batch[:] = serialized
+    return signature.run({name: batch})
+
+  def statuses(self, name, version=None, label=None):
+    if version is not None and label is not None:
+      raise invalid('Only one of version or version_label may be specified')
+    return self.manager.statuses(name, version, label)
+
+
+def _check_input_names(signature, inputs):
+  expected = set(signature.inputs)
+  got = set(inputs)
+  if got != expected:
+    missing = sorted(expected - got)
+    extra = sorted(got - expected)
+    parts = []
+    if missing:
+      parts.append(f'missing {missing}')
+    if extra:
+      parts.append(f'unexpected {extra}')
+    raise invalid(f'inputs do not match signature {signature.key!r} (inputs '
+                  f'{sorted(expected)}): {"; ".join(parts)}')
+
+
+def serve_until_signal(server):
+  """Runs `server` until SIGTERM or SIGINT, then shuts it down cleanly."""
+  import signal  # pylint: disable=g-import-not-at-top
+  stop = threading.Event()
+  previous = {sig: signal.signal(sig, lambda *_: stop.set())
+              for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    server.start()
+    log.info('serving; SIGTERM or Ctrl-C stops after in-flight requests')
+    while not stop.wait(3600):
+      pass
+    log.info('shutting down: finishing in-flight requests')
+    server.stop()
+    log.info('stopped')
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+

@@ -1,0 +1,270 @@
+"""Which versions of which models are served, kept in step with the disk.
+
+Each model's base path is polled: integer-named folders holding a finished
+SavedModel are candidates (temporary folders, other names and folders without
+saved_model.pb are ignored, so half-written exports are never loaded); the
+version policy (latest N / all / specific) picks the aspired ones. New
+versions are loaded before the served set is swapped in one assignment, so
+in-flight requests keep the version they resolved; removed versions are
+dropped from the set and freed once their last request finishes.
+"""
+
+import dataclasses
+import logging
+import os
+import threading
+from typing import Dict, Optional, Tuple
+
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.errors import invalid, not_found
+from serving.models import ServableVersion, is_complete_export
+
+log = logging.getLogger('estpipe')
+
+AVAILABLE = 'AVAILABLE'
+LOADING = 'LOADING'
+END = 'END'
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """One served model: where its versions are and which to serve."""
+  name: str
+  base_path: str
+  policy: str = 'latest'  # latest | all | specific
+  num_versions: int = 1  # for latest
+  versions: Tuple[int, ...] = ()  # for specific
+  labels: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def aspired(self, candidates):
+    """The versions the policy wants, from the available candidates."""
+    if self.policy == 'all':
+      return set(candidates)
+    if self.policy == 'specific':
+      return set(candidates) & set(self.versions)
+    return set(sorted(candidates)[-self.num_versions:])
+
+
+def parse_model_config_text(text, where='model_config_file'):
+  """ModelConfigs from TF Serving's text-format ModelServerConfig."""
+  config = model_server_config_pb2.ModelServerConfig()
+  try:
+    text_format.Parse(text, config)
+  except text_format.ParseError as e:
+    raise ValueError(f'{where}: {e}') from None
+  if config.WhichOneof('config') != 'model_config_list':
+    raise ValueError(f'{where}: expected a model_config_list')
+  models = []
+  for i, model in enumerate(config.model_config_list.config):
+    at = f'{where}: config[{i}]'
+    if not model.name:
+      raise ValueError(f'{at}: name is required')
+    if not model.base_path:
+      raise ValueError(f'{at} ({model.name}): base_path is required')
+    if model.model_platform not in ('', 'tensorflow'):
+      raise ValueError(f'{at} ({model.name}): model_platform '
+                       f'{model.model_platform!r} is not supported; only '
+                       'tensorflow SavedModels are served')
+    models.append(ModelConfig(
+        name=model.name, base_path=os.path.abspath(model.base_path),
+        labels=dict(model.version_labels), **_policy(model, at)))
+  names = [m.name for m in models]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise ValueError(f'{where}: model names must be unique, repeated: '
+                     f'{", ".join(duplicates)}')
+  if not models:
+    raise ValueError(f'{where}: no models configured')
+  return models
+
+
+def _policy(model, at):
+  policy = model.model_version_policy
+  which = policy.WhichOneof('policy_choice')
+  if which == 'all':
+    return {'policy': 'all'}
+  if which == 'specific':
+    if not policy.specific.versions:
+      raise ValueError(f'{at} ({model.name}): specific policy lists no '
+                       'versions')
+    return {'policy': 'specific', 'versions': tuple(policy.specific.versions)}
+  num = policy.latest.num_versions if which == 'latest' else 0
+  return {'policy': 'latest', 'num_versions': num or 1}
+
+
+@dataclasses.dataclass
+class VersionStatus:
+  state: str
+  error: str = ''
+
+
+class _Model:
+  """The served versions of one model and what happened to the others."""
+
+  def __init__(self, config):
+    self.config = config
+    self.servables = {}  # version -> ServableVersion; replaced, never edited
+    self.status = {}  # version -> VersionStatus
+    self.failed = {}  # version -> mtime of the export that failed to load
+    self.missing_logged = False
+
+
+class ModelManager:
+  """Loads, swaps and unloads model versions; resolves requests to them."""
+
+  def __init__(self, configs, poll_wait_seconds=1.0, on_load=None):
+    self._models = {c.name: _Model(c) for c in configs}
+    self._poll_wait = poll_wait_seconds
+    self._on_load = on_load or (lambda servable: None)
+    self._lock = threading.Lock()  # guards status dicts and polling
+    self._stop = threading.Event()
+    self._thread = None
+
+  @property
+  def model_names(self):
+    return list(self._models)
+
+  def start(self):
+    """Loads what is on disk now, then keeps polling (TF Serving's rules:
+    a zero wait polls once, a negative one never)."""
+    if self._poll_wait >= 0:
+      self.poll()
+    if self._poll_wait > 0:
+      self._thread = threading.Thread(target=self._poll_loop,
+                                      name='version-poller', daemon=True)
+      self._thread.start()
+
+  def stop(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def _poll_loop(self):
+    while not self._stop.wait(self._poll_wait):
+      try:
+        self.poll()
+      except Exception:  # pylint: disable=broad-except
+        log.exception('polling model base paths failed; retrying')
+
+  def poll(self):
+    with self._lock:
+      for model in self._models.values():
+        self._sync(model)
+
+  def _sync(self, model):
+    candidates = self._candidates(model)
+    if candidates is None:
+      return
+    aspired = model.config.aspired(candidates)
+    current = model.servables
+    loaded = {v: s for v, s in current.items() if v in aspired}
+    for version in sorted(aspired - set(current), reverse=True):
+      servable = self._load(model, version, candidates[version])
+      if servable is not None:
+        loaded[version] = servable
+    if aspired and not loaded:
+      # Keep serving the old versions rather than nothing.
+      return
+    model.servables = loaded  # the swap: one reference assignment
+    for version in set(current) - set(loaded):
+      model.status[version] = VersionStatus(END)
+      log.info('unloaded %s version %d', model.config.name, version)
+
+  def _candidates(self, model):
+    """{version: path} of finished exports, minus ones that failed as is."""
+    base = model.config.base_path
+    try:
+      names = os.listdir(base)
+    except OSError as e:
+      if not model.missing_logged:
+        log.warning('model %s: cannot list base path %s: %s',
+                    model.config.name, base, e.strerror)
+        model.missing_logged = True
+      return None
+    model.missing_logged = False
+    candidates = {}
+    for name in names:
+      path = os.path.join(base, name)
+      if not (name.isdigit() and name.isascii()) or not os.path.isdir(path):
+        continue
+      if not is_complete_export(path):
+        continue
+      version = int(name)
+      if model.failed.get(version) == _stamp(path):
+        continue  # failed before and unchanged since
+      candidates[version] = path
+    return candidates
+
+  def _load(self, model, version, path):
+    name = model.config.name
+    model.status[version] = VersionStatus(LOADING)
+    log.info('loading %s version %d from %s', name, version, path)
+    try:
+      servable = ServableVersion(name, version, path)
+      self._on_load(servable)
+    except Exception as e:  # pylint: disable=broad-except
+      message = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+      log.error('model %s version %d failed to load: %s', name, version,
+                message)
+      model.failed[version] = _stamp(path)
+      model.status[version] = VersionStatus(END, message)
+      return None
+    model.failed.pop(version, None)
+    model.status[version] = VersionStatus(AVAILABLE)
+    log.info('serving %s version %d', name, version)
+    return servable
+
+  def _model(self, name):
+    model = self._models.get(name)
+    if model is None:
+      raise not_found(f'Servable not found for request: Latest({name})')
+    return model
+
+  def resolve(self, name, version=None, label=None):
+    """The ServableVersion a request names (latest if unspecified)."""
+    model = self._model(name)
+    servables = model.servables  # one consistent snapshot
+    if label is not None:
+      if label not in model.config.labels:
+        raise invalid(f'Unrecognized servable version label: {label}')
+      version = model.config.labels[label]
+    if version is None:
+      if not servables:
+        raise not_found(f'Servable not found for request: Latest({name})')
+      return servables[max(servables)]
+    servable = servables.get(version)
+    if servable is None:
+      raise not_found(
+          f'Servable not found for request: Specific({name}, {version})')
+    return servable
+
+  def statuses(self, name, version=None, label=None):
+    """[(version, VersionStatus)] for a model, or one version of it."""
+    model = self._model(name)
+    if label is not None:
+      if label not in model.config.labels:
+        raise invalid(f'Unrecognized servable version label: {label}')
+      version = model.config.labels[label]
+    status = dict(model.status)  # a copy: the poller may be adding to it
+    if version is not None:
+      if version not in status:
+        raise not_found(f'Could not find version {version} of model {name}')
+      return [(version, status[version])]
+    if not status:
+      raise not_found(f'Could not find any versions of model {name}')
+    return sorted(status.items(), reverse=True)
+
+  def config(self, name) -> Optional[ModelConfig]:
+    return self._model(name).config
+
+
+def _stamp(path):
+  """Changes when an export folder is rewritten (to retry failed loads)."""
+  try:
+    return max(os.stat(os.path.join(path, f)).st_mtime_ns
+               for f in os.listdir(path))
+  except (OSError, ValueError):
+    return None
+
