@@ -1,0 +1,89 @@
+"""Shared fixtures: real data where it exists, preprocessed runs per session."""
+
+import os
+import shutil
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.normpath(os.path.join(ROOT, '..', 'shared', 'data'))
+EXAMPLES = os.path.join(ROOT, 'examples')
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'slow: multi-process or long tests (run in CI too)')
+
+
+def _shared(*parts):
+  path = os.path.join(SHARED_DATA, *parts)
+  if not os.path.exists(path):
+    pytest.skip(f'real data not found at {path}: tests on Census and Chicago '
+                'taxi need ../shared/data beside the checkout (CI has it)')
+  return path
+
+
+@pytest.fixture(scope='session')
+def census_data():
+  return {'train': _shared('census', 'adult.train.csv'),
+          'eval': _shared('census', 'adult.eval.csv')}
+
+
+@pytest.fixture(scope='session')
+def taxi_data():
+  return _shared('taxi', 'data.csv')
+
+
+def example_config(name, run_dir, *overrides):
+  from pipeline.config import load_config  # pylint: disable=g-import-not-at-top
+  return load_config(os.path.join(EXAMPLES, f'{name}.yaml'),
+                     [f'run_dir={run_dir}', *overrides])
+
+
+def preprocessed(config):
+  from preprocessing import run  # pylint: disable=g-import-not-at-top
+  run.preprocess(config)
+  return config
+
+
+@pytest.fixture(scope='session')
+def census_run(census_data, tmp_path_factory):
+  """Census preprocessed once per session (a Config; see its run_dir)."""
+  del census_data
+  run_dir = tmp_path_factory.mktemp('census_run')
+  return preprocessed(example_config('census', run_dir))
+
+
+@pytest.fixture(scope='session')
+def taxi_run(taxi_data, tmp_path_factory):
+  del taxi_data
+  run_dir = tmp_path_factory.mktemp('taxi_run')
+  return preprocessed(example_config('taxi', run_dir))
+
+
+@pytest.fixture(scope='session')
+def synthetic_csv(tmp_path_factory):
+  """5,000 synthetic rows: needs no shared data."""
+  from pipeline import synthetic  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp('synthetic_data')
+  synthetic.write_csv(str(out), 5000, seed=0)
+  return str(out)
+
+
+@pytest.fixture(scope='session')
+def synthetic_run(synthetic_csv, tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp('synthetic_run')
+  return preprocessed(example_config(
+      'synthetic', run_dir, f'data.train={synthetic_csv}/data-*.csv'))
+
+
+@pytest.fixture
+def fresh_copy(tmp_path):
+  """Copies a file into the test's tmp dir, so tests can damage it."""
+  def copy(path, name=None):
+    dst = tmp_path / (name or os.path.basename(path))
+    shutil.copy(path, dst)
+    return str(dst)
+  return copy
