@@ -520,6 +520,8 @@ def _convert(value, tp, path):
         return _convert(value, arg, path)
       except ConfigError as e:
         errors.append(e)
+    if len(errors) == 1:
+      raise errors[0]
     names = ' or '.join(_type_name(a) for a in args if a is not type(None))
     raise ConfigError(path, f'expected {names}, got {value!r}')
   if origin in (list, List):

@@ -7,6 +7,7 @@ do; it can reuse the pieces here (`fill_missing`, `transform_feature`).
 import importlib.util
 import inspect
 import os
+import sys
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -49,6 +50,8 @@ def load_module(path):
   name = '_estpipe_user_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  # tf.function's autograph resolves globals through sys.modules.
+  sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
 

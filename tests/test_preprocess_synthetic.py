@@ -1,0 +1,180 @@
+"""Preprocessing without shared data: synthetic data, TFRecord input, runners,
+atomic outputs, user modules."""
+
+import glob
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from pipeline import runrecord, synthetic
+from preprocessing import run as run_lib
+from tests.conftest import ROOT, example_config
+from tests.test_preprocess import read_transformed, row_multiset
+
+
+def _records(config):
+  """The multiset of transformed rows, per split (map order aside)."""
+  out = {}
+  for split in ('train', 'eval'):
+    columns = read_transformed(config, split)
+    out[split] = row_multiset(columns, sorted(columns))
+  return out
+
+
+def _asset_digests(config):
+  assets = os.path.join(config.transform_dir, 'transform_fn', 'assets')
+  return {name: hashlib.md5(open(os.path.join(assets, name), 'rb').read())
+          .hexdigest() for name in sorted(os.listdir(assets))}
+
+
+def test_generate_data_is_deterministic(tmp_path):
+  a = synthetic.write_csv(str(tmp_path / 'a'), 3000, seed=1, shards=2)
+  b = synthetic.write_csv(str(tmp_path / 'b'), 3000, seed=1, shards=2)
+  c = synthetic.write_csv(str(tmp_path / 'c'), 3000, seed=2, shards=2)
+  read = lambda paths: [open(p, 'rb').read() for p in paths]
+  assert read(a) == read(b)
+  assert read(a) != read(c)
+  rows = sum(len(x.splitlines()) - 1 for x in read(a))
+  assert rows == 3000
+
+
+def test_synthetic_text_and_counts(synthetic_run):
+  summary = runrecord.read_json(synthetic_run.path('preprocess.json'))
+  splits = summary['splits']
+  assert splits['train']['written'] + splits['eval']['written'] == 5000
+  assert splits['train']['rejected'] + splits['eval']['rejected'] == 0
+  train = read_transformed(synthetic_run, 'train')
+  # tf-idf: ids and weights per row, aligned, every row has tokens.
+  assert all(len(ids) == len(w) > 0 for ids, w in
+             zip(train['notes'], train['notes_weights']))
+  vocab = tft.TFTransformOutput(
+      synthetic_run.transform_dir).vocabulary_by_name('notes')
+  assert b'senior' in vocab and b'intern' in vocab
+  assert len(vocab) == 25  # 15 neutral + 5 positive + 5 negative words
+  assert set(train['label']) == {0, 1}
+
+
+@pytest.mark.slow
+def test_multiprocessing_runner_gives_the_same_records(synthetic_run,
+                                                       synthetic_csv,
+                                                       tmp_path):
+  """Workers in other processes import everything from the packages."""
+  run_dir = tmp_path / 'mp'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pipeline.cli', 'preprocess',
+       os.path.join(ROOT, 'examples', 'synthetic.yaml'),
+       '--set', f'run_dir={run_dir}',
+       '--set', f'data.train={synthetic_csv}/data-*.csv',
+       '--direct_running_mode=multi_processing', '--direct_num_workers=2'],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = example_config('synthetic', run_dir,
+                          f'data.train={synthetic_csv}/data-*.csv')
+  assert _records(config) == _records(synthetic_run)
+  assert _asset_digests(config) == _asset_digests(synthetic_run)
+
+
+def _to_example(row):
+  feature = {}
+  for name, value in row.items():
+    if value == '':
+      continue
+    if name == 'age':
+      feature[name] = tf.train.Feature(
+          int64_list=tf.train.Int64List(value=[int(value)]))
+    elif name in ('hours_per_week', 'capital_gain'):
+      feature[name] = tf.train.Feature(
+          float_list=tf.train.FloatList(value=[float(value)]))
+    else:
+      feature[name] = tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[value.encode()]))
+  return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def test_tfrecord_input_with_rejects(synthetic_csv, tmp_path):
+  import csv  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'raw.tfrecord.gz')
+  rows = list(csv.DictReader(open(glob.glob(f'{synthetic_csv}/*.csv')[0])))
+  bad_type = _to_example(rows[0])
+  bad_type.features.feature['age'].Clear()
+  bad_type.features.feature['age'].bytes_list.value.append(b'old')
+  with tf.io.TFRecordWriter(path, 'GZIP') as w:
+    for row in rows:
+      w.write(_to_example(row).SerializeToString())
+    w.write(b'\xff\xff\xff not a proto')
+    w.write(bad_type.SerializeToString())
+  config = example_config('synthetic', tmp_path / 'run', f'data.train={path}',
+                          'data.format=tfrecord', 'data.header=false')
+  summary = run_lib.preprocess(config)
+  splits = summary['splits']
+  assert splits['train']['written'] + splits['eval']['written'] == 5000
+  rejects = sorted(run_lib.read_rejects(config), key=lambda r: r['record'])
+  assert [r['record'] for r in rejects] == [5001, 5002]
+  assert rejects[0]['reason'] == 'not a serialized tf.Example'
+  assert rejects[1]['reason'] == "field 'age': expected an integer, got 'old'"
+  assert rejects[1]['raw'].startswith('base64:')
+
+
+def test_killed_run_leaves_nothing_a_later_stage_would_use(synthetic_csv,
+                                                           tmp_path):
+  run_dir = tmp_path / 'run'
+  args = [sys.executable, '-m', 'pipeline.cli', 'preprocess',
+          os.path.join(ROOT, 'examples', 'synthetic.yaml'),
+          '--set', f'run_dir={run_dir}',
+          '--set', f'data.train={synthetic_csv}/data-*.csv']
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not glob.glob(str(run_dir / '.staging' / '*' / 'tmp')):
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  config = example_config('synthetic', run_dir,
+                          f'data.train={synthetic_csv}/data-*.csv')
+  assert not run_lib.is_complete(config)
+  assert not os.path.exists(config.path('data'))
+  assert not os.path.exists(config.transform_dir)
+  # Running again completes, and the leftovers do not get in the way.
+  run_lib.preprocess(config)
+  assert run_lib.is_complete(config)
+  assert len(read_transformed(config, 'train')['age']) > 3500
+
+
+_USER_MODULE = '''
+import tensorflow as tf
+import tensorflow_transform as tft
+from preprocessing.transform_fn import fill_missing
+
+
+def preprocessing_fn(inputs, config):
+  age = fill_missing(inputs['age'], config.feature('age'))
+  hours = fill_missing(inputs['hours_per_week'],
+                       config.feature('hours_per_week'))
+  return {
+      'age_x_hours': tft.scale_to_z_score(
+          tf.cast(age, tf.float32) * hours),
+      'label': tf.squeeze(tf.sparse.to_dense(inputs['label']), 1),
+  }
+'''
+
+
+def test_user_module_replaces_preprocessing_fn(synthetic_csv, tmp_path):
+  module = tmp_path / 'my_transform.py'
+  module.write_text(_USER_MODULE)
+  config = example_config('synthetic', tmp_path / 'run',
+                          f'data.train={synthetic_csv}/data-*.csv',
+                          f'preprocessing.module={module}')
+  run_lib.preprocess(config)
+  train = read_transformed(config, 'train')
+  assert sorted(train) == ['age_x_hours', 'label']
+  mean = sum(train['age_x_hours']) / len(train['age_x_hours'])
+  assert abs(mean) < 1e-3

@@ -1,0 +1,627 @@
+"""The model server against TF Serving's real clients, on tiny canned models.
+
+A session fixture trains a LinearClassifier and a LinearRegressor for a few
+steps and exports them with a parsing receiver plus a per-feature ('raw')
+alternative; every answer is compared with calling the SavedModel in process.
+"""
+
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+
+tf = pytest.importorskip('tensorflow')
+
+# pylint: disable=g-import-not-at-top,redefined-outer-name
+from tensorflow_serving.apis import classification_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import regression_pb2
+
+from serving.batching import BatchingOptions, parse_batching_parameters
+from serving.server import ModelServer, ServerOptions
+from serving.versions import ModelConfig, parse_model_config_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = ['a', 'b', 'c', 'd']
+ROWS = [(0.2, 'a'), (0.9, 'b'), (0.5, 'zzz')]  # 'zzz' is out of vocabulary
+
+
+def _train_and_export(kind, work_dir):
+  """Trains a canned linear model for a few steps; returns its export dir."""
+  rng = np.random.RandomState(0)
+  x = rng.rand(64).astype(np.float32)
+  c = np.array(VOCAB * 16)
+  columns = [tf.feature_column.numeric_column('x'),
+             tf.feature_column.categorical_column_with_vocabulary_list(
+                 'c', VOCAB)]
+  config = tf.estimator.RunConfig(model_dir=os.path.join(work_dir, 'model'))
+  if kind == 'classifier':
+    labels = np.where(x > 0.5, 'yes', 'no')
+    estimator = tf.estimator.LinearClassifier(
+        columns, config=config, label_vocabulary=['no', 'yes'])
+  else:
+    labels = (2 * x + (c == 'a')).astype(np.float32)
+    estimator = tf.estimator.LinearRegressor(columns, config=config)
+
+  def input_fn():
+    return tf.data.Dataset.from_tensor_slices(
+        ({'x': x, 'c': c}, labels)).repeat().batch(16)
+
+  estimator.train(input_fn, steps=5)
+  spec = {'x': tf.io.FixedLenFeature([], tf.float32),
+          'c': tf.io.FixedLenFeature([], tf.string, default_value='')}
+  parsing = tf.estimator.export.build_parsing_serving_input_receiver_fn(spec)
+
+  def receiver_fn():
+    receiver = parsing()
+    # Feeding the parsed features directly gives one tensor per feature.
+    return tf.estimator.export.ServingInputReceiver(
+        receiver.features, receiver.receiver_tensors,
+        receiver_tensors_alternatives={'raw': dict(receiver.features)})
+
+  exported = estimator.export_saved_model(os.path.join(work_dir, 'export'),
+                                          receiver_fn)
+  return exported.decode()
+
+
+@pytest.fixture(scope='session')
+def exports(tmp_path_factory):
+  """{'classifier': dir, 'regressor': dir} of finished SavedModels."""
+  work = tmp_path_factory.mktemp('server_models')
+  return {kind: _train_and_export(kind, str(work / kind))
+          for kind in ('classifier', 'regressor')}
+
+
+@pytest.fixture(scope='session')
+def model_root(exports, tmp_path_factory):
+  """Base paths in TF Serving layout: cls/1, reg/1 and reg/2."""
+  root = tmp_path_factory.mktemp('model_root')
+  shutil.copytree(exports['classifier'], root / 'cls' / '1')
+  shutil.copytree(exports['regressor'], root / 'reg' / '1')
+  shutil.copytree(exports['regressor'], root / 'reg' / '2')
+  return root
+
+
+@pytest.fixture(scope='session')
+def local(exports):
+  """The SavedModels loaded in process: the expected answers."""
+  return {kind: tf.saved_model.load(path)
+          for kind, path in exports.items()}
+
+
+@pytest.fixture(scope='module')
+def server(model_root):
+  configs = [ModelConfig('cls', str(model_root / 'cls')),
+             ModelConfig('reg', str(model_root / 'reg'), policy='all',
+                         labels={'stable': 1, 'canary': 2})]
+  options = ServerOptions(models=configs, grpc_port=0, rest_port=0,
+                          poll_wait_seconds=0, max_body_bytes=100_000)
+  srv = ModelServer(options).start()
+  yield srv
+  srv.stop(grace=5)
+
+
+def _example(x, c):
+  example = tf.train.Example()
+  example.features.feature['x'].float_list.value.append(x)
+  example.features.feature['c'].bytes_list.value.append(c.encode())
+  return example
+
+
+def _serialized():
+  return [_example(x, c).SerializeToString() for x, c in ROWS]
+
+
+def _local_raw(local, kind):
+  fn = local[kind].signatures['raw:predict']
+  out = fn(x=tf.constant([x for x, _ in ROWS]),
+           c=tf.constant([c for _, c in ROWS]))
+  return {k: v.numpy() for k, v in out.items()}
+
+
+def _local_examples(local, kind, signature):
+  fn = local[kind].signatures[signature]
+  return {k: v.numpy() for k, v in fn(inputs=tf.constant(_serialized())).items()}
+
+
+def _url(server, path):
+  return f'http://127.0.0.1:{server.rest_port}/v1/models/{path}'
+
+
+def _post(server, path, body, **kwargs):
+  data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+  return requests.post(_url(server, path), data=data, timeout=30, **kwargs)
+
+
+# REST
+
+def test_rest_status_of_model_version_and_label(server):
+  body = requests.get(_url(server, 'cls'), timeout=10).json()
+  assert body == {'model_version_status': [{
+      'version': '1', 'state': 'AVAILABLE',
+      'status': {'error_code': 'OK', 'error_message': ''}}]}
+  both = requests.get(_url(server, 'reg'), timeout=10).json()
+  assert [s['version'] for s in both['model_version_status']] == ['2', '1']
+  one = requests.get(_url(server, 'reg/versions/1'), timeout=10).json()
+  assert [s['version'] for s in one['model_version_status']] == ['1']
+  canary = requests.get(_url(server, 'reg/labels/canary'), timeout=10).json()
+  assert [s['version'] for s in canary['model_version_status']] == ['2']
+
+
+def test_rest_metadata_lists_signatures(server):
+  body = requests.get(_url(server, 'cls/metadata'), timeout=10).json()
+  assert body['model_spec'] == {'name': 'cls', 'version': '1',
+                                'signature_name': ''}
+  signatures = body['metadata']['signature_def']['signature_def']
+  assert {'serving_default', 'classification', 'predict',
+          'raw:predict'} <= set(signatures)
+  raw = signatures['raw:predict']
+  assert raw['method_name'] == 'tensorflow/serving/predict'
+  assert raw['inputs']['x']['dtype'] == 'DT_FLOAT'
+  assert raw['inputs']['c']['dtype'] == 'DT_STRING'
+  labelled = requests.get(_url(server, 'reg/labels/stable/metadata'),
+                          timeout=10).json()
+  assert labelled['model_spec']['version'] == '1'
+
+
+@pytest.mark.parametrize('kind,model', [('classifier', 'cls'),
+                                        ('regressor', 'reg')])
+def test_rest_predict_row_format_per_feature(server, local, kind, model):
+  expected = _local_raw(local, kind)
+  instances = [{'x': x, 'c': c} for x, c in ROWS]
+  response = _post(server, f'{model}:predict',
+                   {'signature_name': 'raw:predict', 'instances': instances})
+  assert response.status_code == 200, response.text
+  predictions = response.json()['predictions']
+  assert len(predictions) == len(ROWS)
+  for name, value in expected.items():
+    # With one output, each prediction is its value, else {output: value}.
+    got = [row[name] if len(expected) > 1 else row for row in predictions]
+    if value.dtype == object:
+      assert got == [[s.decode() for s in r] for r in value]
+    else:
+      np.testing.assert_allclose(got, value, rtol=1e-6)
+
+
+def test_rest_predict_columnar_format_per_feature(server, local):
+  expected = _local_raw(local, 'regressor')
+  response = _post(server, 'reg/versions/2:predict', {
+      'signature_name': 'raw:predict',
+      'inputs': {'x': [x for x, _ in ROWS], 'c': [c for _, c in ROWS]}})
+  assert response.status_code == 200, response.text
+  # One output: columnar answers its value directly.
+  np.testing.assert_allclose(response.json()['outputs'],
+                             expected['predictions'], rtol=1e-6)
+
+
+def test_rest_predict_b64_serialized_examples(server, local):
+  expected = _local_examples(local, 'classifier', 'serving_default')
+  instances = [{'b64': base64.b64encode(s).decode()} for s in _serialized()]
+  response = _post(server, 'cls:predict', {'instances': instances})
+  assert response.status_code == 200, response.text
+  predictions = response.json()['predictions']
+  np.testing.assert_allclose([p['scores'] for p in predictions],
+                             expected['scores'], rtol=1e-6)
+  assert predictions[0]['classes'] == ['no', 'yes']
+  # The same, columnar, with the input named and the signature by label.
+  response = _post(server, 'cls:predict', {
+      'signature_name': 'predict',
+      'inputs': {'examples': instances}})
+  assert response.status_code == 200, response.text
+  np.testing.assert_allclose(response.json()['outputs']['probabilities'],
+                             expected['scores'], rtol=1e-6)
+
+
+def test_rest_classify_and_regress(server, local):
+  scores = _local_examples(local, 'classifier', 'classification')['scores']
+  examples = [{'x': x, 'c': c} for x, c in ROWS]
+  response = _post(server, 'cls:classify', {'examples': examples})
+  assert response.status_code == 200, response.text
+  results = response.json()['results']
+  assert [[label for label, _ in r] for r in results] == [['no', 'yes']] * 3
+  np.testing.assert_allclose([[s for _, s in r] for r in results], scores,
+                             rtol=1e-6)
+
+  values = _local_examples(local, 'regressor', 'regression')['outputs']
+  response = _post(server, 'reg/labels/stable:regress',
+                   {'signature_name': 'regression', 'examples': examples})
+  assert response.status_code == 200, response.text
+  np.testing.assert_allclose(response.json()['results'], values.ravel(),
+                             rtol=1e-6)
+
+
+def test_rest_classify_context_fills_shared_features(server):
+  with_context = _post(server, 'cls:classify', {
+      'context': {'c': 'b'}, 'examples': [{'x': 0.9}, {'x': 0.2, 'c': 'a'}]})
+  direct = _post(server, 'cls:classify', {
+      'examples': [{'x': 0.9, 'c': 'b'}, {'x': 0.2, 'c': 'a'}]})
+  assert with_context.status_code == direct.status_code == 200
+  assert with_context.json() == direct.json()
+
+
+def _assert_error(response, status, *fragments):
+  assert response.status_code == status, response.text
+  message = response.json()['error']
+  for fragment in fragments:
+    assert fragment in message, message
+
+
+RAW = {'signature_name': 'raw:predict'}
+
+
+@pytest.mark.parametrize('path,body,status,fragments', [
+    ('cls:predict', b'{"instances": [', 400, ['not valid JSON']),
+    ('cls:predict', {**RAW, 'instances': [{'x': 'high', 'c': 'a'}]}, 400,
+     ["input 'x' expects DT_FLOAT", 'got a string']),
+    ('cls:predict', {**RAW, 'instances': [{'x': 1.0, 'c': 7}]}, 400,
+     ["input 'c' expects DT_STRING"]),
+    ('cls:predict', {**RAW, 'inputs': {'x': [[1.0]], 'c': ['a']}}, 400,
+     ["input 'x' has shape [1,1]", 'expects [?]']),
+    ('cls:predict', {**RAW, 'inputs': {'x': [1.0, [2.0]], 'c': ['a', 'b']}},
+     400, ['ragged']),
+    ('cls:predict', {**RAW, 'instances': [{'x': 1.0}]}, 400,
+     ["missing ['c']"]),
+    ('cls:predict', {'signature_name': 'nope', 'instances': [1]}, 400,
+     ['"nope" not found', 'raw:predict']),
+    ('cls:predict', {**RAW, 'instances': [{'x': 1.0, 'c': 'a'}],
+                     'inputs': {'x': [1.0], 'c': ['a']}}, 400,
+     ["Only one of 'instances'"]),
+    ('cls:predict', {**RAW}, 400, ["Missing 'instances'"]),
+    ('nope:predict', {'instances': [1]}, 404,
+     ['Servable not found', 'nope']),
+    ('cls/versions/7:predict', {'instances': [1]}, 404,
+     ['Specific(cls, 7)']),
+    ('cls/versions/x:predict', {'instances': [1]}, 400,
+     ['version must be a positive integer']),
+    ('reg/labels/beta:predict', {'instances': [1]}, 400,
+     ['Unrecognized servable version label: beta']),
+    ('reg:classify', {'examples': [{'x': 1.0}]}, 400,
+     ['Expected classification signature method_name']),
+    ('cls:classify', {'examples': []}, 400, ["'examples' must be"]),
+    ('cls:classify', {'examples': [{'x': [1.0, 'a']}]}, 400,
+     ['examples[0].x']),
+    ('cls:explain', {}, 400, ['unknown method :explain']),
+])
+def test_rest_bad_requests_get_specific_errors(server, path, body, status,
+                                                fragments):
+  _assert_error(_post(server, path, body), status, *fragments)
+
+
+def test_rest_oversized_body_and_unknown_paths(server):
+  big = {'instances': ['a' * 200_000]}
+  _assert_error(_post(server, 'cls:predict', big), 413, 'limit is 100000')
+  _assert_error(requests.get(f'http://127.0.0.1:{server.rest_port}/v2/x',
+                             timeout=10), 404, 'Malformed request')
+  _assert_error(requests.get(_url(server, 'nope'), timeout=10), 404, 'nope')
+  _assert_error(requests.get(_url(server, 'cls/versions/9'), timeout=10),
+                404, 'version 9')
+  # The server keeps answering after every failure above.
+  ok = _post(server, 'cls:classify', {'examples': [{'x': 0.2, 'c': 'a'}]})
+  assert ok.status_code == 200
+
+
+def test_rest_keeps_connection_alive(server):
+  with requests.Session() as session:
+    for _ in range(3):
+      response = session.post(_url(server, 'reg:regress'), timeout=10,
+                              data=json.dumps({'examples': [{'x': 1.0}]}))
+      assert response.status_code == 200
+      assert response.headers.get('Connection') != 'close'
+
+
+# gRPC
+
+@pytest.fixture(scope='module')
+def stubs(server):
+  channel = grpc.insecure_channel(f'127.0.0.1:{server.grpc_port}')
+  yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+         model_service_pb2_grpc.ModelServiceStub(channel))
+  channel.close()
+
+
+def test_grpc_predict_per_feature_and_output_filter(stubs, local):
+  prediction, _ = stubs
+  expected = _local_raw(local, 'classifier')
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = 'cls'
+  request.model_spec.signature_name = 'raw:predict'
+  request.inputs['x'].CopyFrom(tf.make_tensor_proto([x for x, _ in ROWS]))
+  request.inputs['c'].CopyFrom(tf.make_tensor_proto([c for _, c in ROWS]))
+  response = prediction.Predict(request, timeout=30)
+  assert response.model_spec.version.value == 1
+  assert response.model_spec.signature_name == 'raw:predict'
+  assert set(response.outputs) == set(expected)
+  for name, value in expected.items():
+    got = tf.make_ndarray(response.outputs[name])
+    if value.dtype == object:
+      assert got.tolist() == value.tolist()
+    else:
+      np.testing.assert_allclose(got, value, rtol=1e-6)
+  request.output_filter.append('probabilities')
+  response = prediction.Predict(request, timeout=30)
+  assert list(response.outputs) == ['probabilities']
+
+
+def test_grpc_classify_regress_with_context(stubs, local):
+  prediction, _ = stubs
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name = 'cls'
+  for x, c in ROWS:
+    request.input.example_list.examples.add().CopyFrom(_example(x, c))
+  response = prediction.Classify(request, timeout=30)
+  scores = _local_examples(local, 'classifier', 'classification')['scores']
+  got = [[c.score for c in r.classes]
+         for r in response.result.classifications]
+  np.testing.assert_allclose(got, scores, rtol=1e-6)
+  assert [c.label for c in response.result.classifications[0].classes] == [
+      'no', 'yes']
+
+  request = regression_pb2.RegressionRequest()
+  request.model_spec.name = 'reg'
+  request.model_spec.version_label = 'canary'
+  data = request.input.example_list_with_context
+  data.context.features.feature['c'].bytes_list.value.append(b'zzz')
+  for x, c in ROWS:
+    data.examples.add().CopyFrom(_example(x, c))
+  response = prediction.Regress(request, timeout=30)
+  assert response.model_spec.version.value == 2
+  values = _local_examples(local, 'regressor', 'regression')['outputs']
+  np.testing.assert_allclose([r.value for r in response.result.regressions],
+                             values.ravel(), rtol=1e-6)
+
+
+def test_grpc_metadata_and_status(stubs):
+  prediction, model = stubs
+  request = get_model_metadata_pb2.GetModelMetadataRequest()
+  request.model_spec.name = 'reg'
+  request.metadata_field.append('signature_def')
+  response = prediction.GetModelMetadata(request, timeout=30)
+  signatures = get_model_metadata_pb2.SignatureDefMap()
+  response.metadata['signature_def'].Unpack(signatures)
+  assert response.model_spec.version.value == 2
+  assert signatures.signature_def['regression'].method_name == (
+      'tensorflow/serving/regress')
+
+  request = get_model_status_pb2.GetModelStatusRequest()
+  request.model_spec.name = 'reg'
+  response = model.GetModelStatus(request, timeout=30)
+  states = {s.version: s.state for s in response.model_version_status}
+  available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+  assert states == {1: available, 2: available}
+
+
+def test_grpc_errors_carry_status_codes(stubs):
+  prediction, model = stubs
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = 'nope'
+  with pytest.raises(grpc.RpcError) as error:
+    prediction.Predict(request, timeout=30)
+  assert error.value.code() == grpc.StatusCode.NOT_FOUND
+  request.model_spec.name = 'cls'
+  request.model_spec.signature_name = 'raw:predict'
+  request.inputs['x'].CopyFrom(tf.make_tensor_proto(['a']))
+  request.inputs['c'].CopyFrom(tf.make_tensor_proto(['a']))
+  with pytest.raises(grpc.RpcError) as error:
+    prediction.Predict(request, timeout=30)
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert "input 'x' is DT_STRING" in error.value.details()
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = 'cls'
+  status.model_spec.version.value = 5
+  with pytest.raises(grpc.RpcError) as error:
+    model.GetModelStatus(status, timeout=30)
+  assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Batching
+
+def test_batching_merges_concurrent_requests(model_root, local):
+  options = ServerOptions(
+      models=[ModelConfig('cls', str(model_root / 'cls'))], grpc_port=None,
+      rest_port=0, poll_wait_seconds=0,
+      batching=BatchingOptions(max_batch_size=16, batch_timeout_micros=20000,
+                               num_batch_threads=1))
+  srv = ModelServer(options).start()
+  try:
+    fn = local['classifier'].signatures['raw:predict']
+    xs = np.linspace(0, 1, 24).astype(np.float32)
+    expected = fn(x=tf.constant(xs), c=tf.constant(['b'] * 24))
+
+    def one(i):
+      response = _post(srv, 'cls:predict', {
+          'signature_name': 'raw:predict',
+          'instances': [{'x': float(xs[i]), 'c': 'b'}]})
+      assert response.status_code == 200, response.text
+      return response.json()['predictions'][0]['probabilities']
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+      got = list(pool.map(one, range(24)))
+    np.testing.assert_allclose(got, expected['probabilities'].numpy(),
+                               rtol=1e-6)
+    stats = srv.batcher.stats
+    assert stats['rows'] == 24
+    assert stats['batches'] < 24  # requests were merged
+  finally:
+    srv.stop(grace=5)
+
+
+def test_batching_parameters_text_format():
+  options = parse_batching_parameters(
+      'max_batch_size { value: 32 } batch_timeout_micros { value: 1000 }\n'
+      'num_batch_threads { value: 2 } max_enqueued_batches { value: 50 }')
+  assert (options.max_batch_size, options.batch_timeout_micros,
+          options.num_batch_threads, options.max_enqueued_batches) == (
+              32, 1000, 2, 50)
+  with pytest.raises(Exception, match='max_batch_sizes'):
+    parse_batching_parameters('max_batch_sizes { value: 3 }')
+
+
+def test_model_config_file_policies_and_labels(tmp_path):
+  text = f'''
+  model_config_list {{
+    config {{ name: "a" base_path: "{tmp_path}/a" model_platform: "tensorflow"
+             model_version_policy {{ latest {{ num_versions: 2 }} }} }}
+    config {{ name: "b" base_path: "{tmp_path}/b"
+             model_version_policy {{ specific {{ versions: 3 versions: 5 }} }}
+             version_labels {{ key: "stable" value: 3 }} }}
+    config {{ name: "c" base_path: "{tmp_path}/c"
+             model_version_policy {{ all {{}} }} }}
+  }}'''
+  a, b, c = parse_model_config_text(text)
+  assert a.aspired([1, 2, 3]) == {2, 3}
+  assert b.aspired([1, 3, 4, 5]) == {3, 5} and b.labels == {'stable': 3}
+  assert c.aspired([1, 2]) == {1, 2}
+  with pytest.raises(ValueError, match='unique'):
+    parse_model_config_text('model_config_list { config { name: "a" '
+                            'base_path: "/x" } config { name: "a" '
+                            'base_path: "/y" } }')
+  with pytest.raises(ValueError, match='model_platform'):
+    parse_model_config_text('model_config_list { config { name: "a" '
+                            'base_path: "/x" model_platform: "onnx" } }')
+
+
+# Versions
+
+def _publish(source, base, version):
+  """Copies an export in like a real exporter: temp dir, then rename."""
+  tmp = os.path.join(base, f'temp-{version}-{time.time_ns()}')
+  shutil.copytree(source, tmp)
+  os.rename(tmp, os.path.join(base, str(version)))
+
+
+def test_new_version_swaps_in_without_failed_requests(exports, tmp_path):
+  base = tmp_path / 'cls'
+  base.mkdir()
+  _publish(exports['classifier'], str(base), 1)
+  options = ServerOptions(models=[ModelConfig('cls', str(base))],
+                          grpc_port=0, rest_port=0, poll_wait_seconds=0.2)
+  srv = ModelServer(options).start()
+  channel = grpc.insecure_channel(f'127.0.0.1:{srv.grpc_port}')
+  stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+  stop = threading.Event()
+  seen, failures = [], []
+
+  def client():
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = 'cls'
+    request.input.example_list.examples.add().CopyFrom(_example(0.2, 'a'))
+    with requests.Session() as session:
+      while not stop.is_set():
+        try:
+          rest = session.post(_url(srv, 'cls:classify'), timeout=30,
+                              data=json.dumps({'examples': [{'x': 0.2}]}))
+          if rest.status_code != 200:
+            failures.append(rest.text)
+          seen.append(stub.Classify(request, timeout=30)
+                      .model_spec.version.value)
+        except Exception as e:  # pylint: disable=broad-except
+          failures.append(repr(e))
+
+  threads = [threading.Thread(target=client) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  try:
+    # Half-written or foreign folders are never loaded.
+    os.makedirs(base / '5' / 'variables')  # no saved_model.pb yet
+    shutil.copytree(exports['classifier'], base / 'temp-9')
+    shutil.copytree(exports['classifier'], base / 'v3')
+    _publish(exports['classifier'], str(base), 2)
+    _wait_for(lambda: seen and seen[-1] == 2)
+    shutil.rmtree(base / '2')  # back to version 1
+    _wait_for(lambda: seen[-1] == 1)
+  finally:
+    stop.set()
+    for thread in threads:
+      thread.join()
+    channel.close()
+    statuses = dict(srv.statuses('cls'))
+    srv.stop(grace=5)
+  assert not failures, failures[:3]
+  assert set(seen) == {1, 2}
+  assert set(statuses) == {1, 2}  # never 5 or 9
+  assert statuses[2].state == 'END' and statuses[1].state == 'AVAILABLE'
+
+
+def _wait_for(condition, timeout=60):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert time.monotonic() < deadline, 'timed out'
+    time.sleep(0.05)
+
+
+# The command line
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_serve_command_finishes_in_flight_request_on_sigterm(model_root,
+                                                            tmp_path):
+  params = tmp_path / 'batching.txt'
+  # A long batch timeout keeps the request in flight when SIGTERM arrives.
+  params.write_text('max_batch_size { value: 8 }\n'
+                    'batch_timeout_micros { value: 2000000 }\n')
+  rest_port = _free_port()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'pipeline.cli', 'serve', '--model_name=cls',
+       f'--model_base_path={model_root / "cls"}', '--port=0',
+       f'--rest_api_port={rest_port}', '--enable_batching',
+       f'--batching_parameters_file={params}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  try:
+    _wait_for(lambda: _answers(rest_port) or process.poll() is not None, 120)
+    assert process.poll() is None, process.stdout.read().decode()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      started = time.monotonic()
+      pending = pool.submit(
+          requests.post, f'http://127.0.0.1:{rest_port}/v1/models/cls:predict',
+          data=json.dumps({'signature_name': 'raw:predict',
+                           'instances': [{'x': 0.5, 'c': 'a'}]}), timeout=60)
+      time.sleep(0.5)
+      process.send_signal(signal.SIGTERM)
+      response = pending.result()
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started >= 1.5  # it really waited for it
+    assert process.wait(timeout=60) == 0
+  finally:
+    if process.poll() is None:
+      process.kill()
+  log = process.stdout.read().decode()
+  assert 'shutting down' in log and 'stopped' in log, log
+
+
+def _answers(port):
+  try:
+    return requests.get(f'http://127.0.0.1:{port}/v1/models/cls',
+                        timeout=2).status_code == 200
+  except requests.RequestException:
+    return False
+
+
+def test_serve_command_rejects_bad_flags(tmp_path):
+  from pipeline import cli
+  assert cli.main(['serve', '--model_base_path', str(tmp_path / 'none')]) == 1
+  params = tmp_path / 'bad.txt'
+  params.write_text('max_batch_size: 3')
+  assert cli.main(['serve', '--model_base_path', str(tmp_path),
+                   '--enable_batching',
+                   f'--batching_parameters_file={params}']) == 1
