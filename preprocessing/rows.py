@@ -57,6 +57,13 @@ def _parse_float(text):
   return value
 
 
+def _parse_text(text):
+  return text.encode('utf-8')
+
+
+_PARSERS = {'integer': _parse_integer, 'float': _parse_float,
+            'string': _parse_text, 'text': _parse_text}
+
 _ARROW_TYPES = {'integer': pa.int64(), 'float': pa.float32(),
                 'string': pa.large_binary(), 'text': pa.large_binary()}
 
@@ -103,15 +110,11 @@ class RowParser:
     if text in self.missing:
       return None
     try:
-      if column.kind == 'integer':
-        return _parse_integer(text)
-      if column.kind == 'float':
-        return _parse_float(text)
+      return _PARSERS[column.kind](text)
     except ValueError:
       expected = 'an integer' if column.kind == 'integer' else 'a number'
       raise Reject(f'field {column.name!r}: expected {expected}, got '
                    f'{text!r}', column.name)
-    return text.encode('utf-8')
 
   def _label(self, text, lookup):
     """The label of a row; `lookup(name)` gives any other raw field."""
