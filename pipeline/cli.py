@@ -91,6 +91,7 @@ def _setup_logging(verbose):
   if not verbose:
     for noisy in ('apache_beam', 'tensorflow', 'absl', 'root'):
       logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.getLogger('estpipe').setLevel(logging.INFO)
 
 
 if __name__ == '__main__':

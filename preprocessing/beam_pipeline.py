@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
 import tensorflow_transform.beam as tft_beam
 from tfx_bsl.coders import example_coder
 from tfx_bsl.public import tfxio
@@ -33,6 +34,7 @@ from preprocessing import schema as schema_lib
 from preprocessing.transform_fn import build_preprocessing_fn
 
 _NAMESPACE = 'estpipe'
+_PROGRESS_EVERY = 200_000
 SPLITS = ('train', 'eval')
 _log = logging.getLogger('estpipe')
 
@@ -100,6 +102,8 @@ class _ParseFile(beam.DoFn):
             'raw': rows_lib.raw_for_json(raw)})
         continue
       counts[split] += 1
+      if self._report and sum(counts.values()) % _PROGRESS_EVERY == 0:
+        _log.info('%s: %d rows read so far', path, sum(counts.values()))
       pending[split].append(result)
       if len(pending[split]) >= batch_size:
         yield beam.pvalue.TaggedOutput(
@@ -185,6 +189,24 @@ def _to_json(record):
   return json.dumps(record, sort_keys=True)
 
 
+class _Milestone(beam.DoFn):
+  """Logs when a stage's output appears: the job's progress report."""
+
+  def __init__(self, message, start):
+    self._message = message
+    self._start = start
+
+  def process(self, element):
+    if isinstance(element, str):
+      element = os.path.basename(element)
+    _log.info('[%5.1f s] %s', time.time() - self._start,
+              self._message.format(element))
+
+
+def milestone(pcoll, label, message, start):
+  return pcoll | label >> beam.ParDo(_Milestone(message, start))
+
+
 class WriteRejects(beam.PTransform):
 
   def __init__(self, prefix):
@@ -206,17 +228,20 @@ def tensor_adapter_config(config):
   return tfxio.TensorAdapterConfig(parser.arrow_schema(), representations)
 
 
-def build(pipeline, config, out_dir):
+def build(pipeline, config, out_dir, start=None):
   """Adds the preprocessing job to `pipeline`, writing under `out_dir`."""
+  start = start or time.time()
   adapter = tensor_adapter_config(config)
   for_analysis = pipeline | 'ReadForAnalysis' >> ReadRawData(
       config, report=False)
   transform_fn = (
       (for_analysis['train'], adapter)
       | 'Analyze' >> tft_beam.AnalyzeDataset(build_preprocessing_fn(config)))
-  _ = (transform_fn
-       | 'WriteTransformFn' >> tft_beam.WriteTransformFn(
-           os.path.join(out_dir, 'transform')))
+  written_fn = (transform_fn
+                | 'WriteTransformFn' >> tft_beam.WriteTransformFn(
+                    os.path.join(out_dir, 'transform')))
+  milestone(written_fn, 'ReportAnalysis',
+            'analysis done: transform graph written', start)
   raw = pipeline | 'ReadRawData' >> ReadRawData(config)
   for split in SPLITS:
     name = split.title()
@@ -224,8 +249,9 @@ def build(pipeline, config, out_dir):
         ((raw[split], adapter), transform_fn)
         | f'Transform{name}' >> tft_beam.TransformDataset(
             output_record_batches=True))
-    _ = transformed | f'Write{name}' >> WriteExamples(
+    files = transformed | f'Write{name}' >> WriteExamples(
         os.path.join(out_dir, 'data', split), split)
+    milestone(files, f'Report{name}', f'{split} split written: {{}}', start)
   _ = raw['rejects'] | 'WriteRejects' >> WriteRejects(
       os.path.join(out_dir, 'rejects', 'rejects'))
 
@@ -243,15 +269,15 @@ def pipeline_options(beam_args):
 def run_job(config, out_dir, beam_args=()):
   """Runs the job; returns the summary (counts, time, runner)."""
   options = pipeline_options(beam_args)
+  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
   start = time.time()
   pipeline = beam.Pipeline(options=options)
   with tft_beam.Context(temp_dir=os.path.join(out_dir, 'tmp')):
-    build(pipeline, config, out_dir)
+    build(pipeline, config, out_dir, start)
     result = pipeline.run()
     result.wait_until_finish()
   counters = _counters(result)
-  summary = {'runner': options.get_all_options()['runner'] or
-             'DirectRunner',
+  summary = {'runner': runner,
              'wall_seconds': round(time.time() - start, 2),
              'splits': {}}
   for split in SPLITS:

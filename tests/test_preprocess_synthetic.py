@@ -178,3 +178,41 @@ def test_user_module_replaces_preprocessing_fn(synthetic_csv, tmp_path):
   assert sorted(train) == ['age_x_hours', 'label']
   mean = sum(train['age_x_hours']) / len(train['age_x_hours'])
   assert abs(mean) < 1e-3
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_portable_runner_job_submission(synthetic_run, synthetic_csv,
+                                        tmp_path):
+  """The job is submitted to a Beam job service, as to a cluster's."""
+  port = _free_port()
+  service = subprocess.Popen(
+      [sys.executable, '-m',
+       'apache_beam.runners.portability.local_job_service_main',
+       '--port', str(port)],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    run_dir = tmp_path / 'portable'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pipeline.cli', 'preprocess',
+         os.path.join(ROOT, 'examples', 'synthetic.yaml'),
+         '--set', f'run_dir={run_dir}',
+         '--set', f'data.train={synthetic_csv}/data-*.csv',
+         '--runner=PortableRunner', f'--job_endpoint=localhost:{port}',
+         '--environment_type=LOOPBACK'],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  finally:
+    service.kill()
+    service.wait()
+  config = example_config('synthetic', run_dir,
+                          f'data.train={synthetic_csv}/data-*.csv')
+  summary = runrecord.read_json(config.path('preprocess.json'))
+  assert summary['runner'] == 'PortableRunner'
+  assert _records(config) == _records(synthetic_run)
