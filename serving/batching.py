@@ -111,12 +111,15 @@ def parse_batching_parameters(text):
 
 
 class _Task:
+  """One request's rows; `done` is held until its outputs are set."""
   __slots__ = ('inputs', 'rows', 'done', 'outputs', 'error')
 
   def __init__(self, inputs, rows):
     self.inputs = inputs
     self.rows = rows
-    self.done = threading.Event()
+    # A bare lock is the cheapest one-shot signal between two threads.
+    self.done = threading.Lock()
+    self.done.acquire()
     self.outputs = None
     self.error = None
 
@@ -145,6 +148,7 @@ class Batcher:
     self._open = {}  # signature -> open _Batch (one per signature)
     self._closed = collections.deque()
     self._stopping = False
+    self.stats = {'batches': 0, 'rows': 0}  # for tests and logs
     self._threads = [
         threading.Thread(target=self._work, name=f'batch-{i}', daemon=True)
         for i in range(options.num_batch_threads)]
@@ -159,7 +163,7 @@ class Batcher:
       return signature.call(inputs)
     task = _Task(inputs, rows)
     self._enqueue(signature, task)
-    task.done.wait()
+    task.done.acquire()
     if task.error is not None:
       raise task.error
     return task.outputs
@@ -172,11 +176,14 @@ class Batcher:
         raise ServingError(grpc.StatusCode.UNAVAILABLE,
                            'the server is shutting down')
       batch = self._open.get(signature)
+      # Batch threads only need waking when a batch opens (a new deadline)
+      # or closes, not for every request that joins one.
+      wake = False
       if batch is not None and (
           batch.key != key or
           batch.rows + task.rows > self.options.max_batch_size):
         self._close(signature)
-        batch = None
+        batch, wake = None, True
       if batch is None:
         if len(self._closed) >= self.options.max_enqueued_batches:
           raise ServingError(
@@ -184,13 +191,16 @@ class Batcher:
               'the batch queue is full; retry later')
         deadline = time.monotonic() + self.options.batch_timeout_micros / 1e6
         batch = self._open[signature] = _Batch(signature, key, deadline)
+        wake = True
       batch.tasks.append(task)
       batch.rows += task.rows
       # With a zero timeout the batch stays open until a batch thread is
       # free, so requests that arrive while all threads are busy merge.
       if batch.rows >= self.options.max_batch_size:
         self._close(signature)
-      self._lock.notify_all()
+        wake = True
+      if wake:
+        self._lock.notify_all()
 
   def _close(self, signature):
     self._closed.append(self._open.pop(signature))
@@ -232,6 +242,8 @@ class Batcher:
       if padded > batch.rows:
         inputs = {name: _pad(value, padded) for name, value in inputs.items()}
       outputs = batch.signature.call(inputs)
+      self.stats['batches'] += 1  # only batch threads write these
+      self.stats['rows'] += batch.rows
       start = 0
       for task in tasks:
         end = start + task.rows
@@ -247,7 +259,7 @@ class Batcher:
         task.error = ServingError(grpc.StatusCode.INTERNAL,
                                   f'batched call failed: {e}')
     for task in tasks:
-      task.done.set()
+      task.done.release()
 
   def _padded_size(self, rows):
     for size in self.options.allowed_batch_sizes:

@@ -61,7 +61,7 @@ def json_to_array(value, name, dtype):
 
 def _is_ragged(value):
   try:
-    np.asarray(value, dtype=object).shape  # pylint: disable=expression-not-assigned
+    np.asarray(value, dtype=object)
   except ValueError:
     return True
   return False

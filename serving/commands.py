@@ -60,10 +60,16 @@ def _add_serve(subparsers):
                       'batch_timeout_micros { value: 1000 }"')
   parser.add_argument('--file_system_poll_wait_seconds', type=float,
                       default=1, help='seconds between polls of the base '
-                      'paths (0: poll once at start, <0: never)')
+                      'paths (default 1; 0: load once at start, no polling)')
   parser.add_argument('--max_request_bytes', type=int, default=64 << 20,
                       help='largest request body (REST) or message (gRPC) '
                       'accepted (default 64 MiB)')
+  parser.add_argument('--tensorflow_intra_op_parallelism', type=int,
+                      default=0, help='threads for one op (0: TensorFlow '
+                      'picks); 1 suits tiny models on small machines')
+  parser.add_argument('--tensorflow_inter_op_parallelism', type=int,
+                      default=0, help='ops run in parallel (0: TensorFlow '
+                      'picks)')
   parser.add_argument('--grpc_max_threads', type=int, default=32,
                       help='gRPC worker threads (default 32)')
   parser.set_defaults(func=_serve)
@@ -71,12 +77,17 @@ def _add_serve(subparsers):
 
 def serve_options(args):
   """ServerOptions from parsed `serve` flags; UserError on bad flags."""
-  from serving import batching, server, versions  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from serving import batching, server, versions
   models = _model_configs(args, versions)
   for model in models:
     if not os.path.isdir(model.base_path):
       raise UserError(f'model {model.name}: base path {model.base_path} does '
                       'not exist')
+  if args.file_system_poll_wait_seconds < 0:
+    # TF Serving's "never poll" testing mode would load nothing at all.
+    raise UserError('--file_system_poll_wait_seconds must be >= 0 (0 loads '
+                    'the versions present at start and never polls)')
   if args.max_request_bytes < 1:
     raise UserError('--max_request_bytes must be positive')
   if args.grpc_max_threads < 1:
@@ -130,7 +141,12 @@ def _batching_options(args, batching):
 
 def _serve(args):
   from serving import server  # pylint: disable=g-import-not-at-top
+  # A server's log is its record of loads, swaps and shutdown: keep INFO
+  # even where the root logger is quieter.
+  if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
   options = serve_options(args)
+  _set_tensorflow_threads(args)
   try:
     server.serve_until_signal(server.ModelServer(options))
   except OSError as e:
@@ -138,5 +154,20 @@ def _serve(args):
   return 0
 
 
-# The serving package's commands, in --help order.
-_COMMANDS = [_add_serve]
+def _set_tensorflow_threads(args):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for value, setter in (
+      (args.tensorflow_intra_op_parallelism,
+       tf.config.threading.set_intra_op_parallelism_threads),
+      (args.tensorflow_inter_op_parallelism,
+       tf.config.threading.set_inter_op_parallelism_threads)):
+    if value < 0:
+      raise UserError('TensorFlow thread counts must be >= 0')
+    if value:
+      setter(value)
+
+
+# The serving package's commands, in --help order (export, verify-export and
+# predict live in export_commands.py).
+from serving import export_commands  # pylint: disable=g-import-not-at-top,wrong-import-position
+_COMMANDS = [*export_commands.COMMANDS, _add_serve]

@@ -60,6 +60,16 @@ def from_tf_error(error):
   """A ServingError for a tf.errors.OpError raised while running a model."""
   code = _BY_NUMBER.get(getattr(error, 'error_code', 2),
                         grpc.StatusCode.UNKNOWN)
-  # The first line says what went wrong; the rest is a graph trace.
-  message = (getattr(error, 'message', None) or str(error)).split('\n')[0]
-  return ServingError(code, message)
+  return ServingError(code, _op_error_message(
+      getattr(error, 'message', None) or str(error)))
+
+
+def _op_error_message(text):
+  """The lines of a TF runtime error that say what went wrong, without
+  the 'Graph execution error' banner, Python trace and node annotations."""
+  lines = [line.strip() for line in text.splitlines()
+           if line.strip() and not line[0].isspace()
+           and not line.startswith(('Graph execution error',
+                                    'Detected at node'))]
+  lines = [line.split(' [[', 1)[0].split(' [Op:', 1)[0] for line in lines]
+  return ' '.join(line for line in lines if line) or text.strip()

@@ -19,6 +19,7 @@ Missing values on the raw-feature signature: a string equal to '' or to one of
 exactly as a missing CSV field does in preprocessing.
 """
 
+import gc
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ METADATA_FILE = os.path.join('assets.extra', 'estpipe_export.json')
 EXPORTER_NAMES = ('latest', 'best', 'final')
 # Metrics where a smaller value is better (for the best exporter's default).
 _SMALLER_IS_BETTER = re.compile(r'loss|error|mse|mae|rmse', re.IGNORECASE)
+_LIVE_TRANSFORM = []
 
 
 # --- the serving input receiver ----------------------------------------------
@@ -126,6 +128,10 @@ def serving_input_receiver_fn(config):
   label = config.label.name
 
   def receiver_fn():
+    # TF2 resources (the transform's tables) left over from an earlier export
+    # graph must be destroyed here, between graphs: destroyed by the garbage
+    # collector while an op is being created, they deadlock on the graph lock.
+    gc.collect()
     serialized = tf.compat.v1.placeholder(
         tf.string, [None], name='input_example_tensor')
     parsed = tf.io.parse_example(serialized, spec)
@@ -148,6 +154,10 @@ def serving_input_receiver_fn(config):
     transformed = tft_output.transform_raw_features(
         raw_features, drop_unused_features=True)
     features = {k: v for k, v in transformed.items() if k != label}
+    # Keep this export's transform alive until the next export (see above),
+    # and collect what loading it left behind while no op is being built.
+    _LIVE_TRANSFORM[:] = [tft_output]
+    gc.collect()
     return tf.estimator.export.ServingInputReceiver(
         features, {EXAMPLES_KEY: serialized},
         receiver_tensors_alternatives={RAW_RECEIVER: raw_inputs})
@@ -378,3 +388,20 @@ _EXPORTERS = {'latest': LatestRunDirExporter, 'best': BestRunDirExporter,
 def make_exporters(config):
   """The EvalSpec exporters named by `export.exporters`, in config order."""
   return [_EXPORTERS[name](config) for name in config.export.exporters]
+
+
+def export_checkpoint(config, checkpoint_path=None):
+  """`estpipe export`: one checkpoint (default: the latest) -> a version."""
+  from estimators import train  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(config.path('preprocess.json')):
+    raise FileNotFoundError(f'{config.run_dir} is not preprocessed (no '
+                            'preprocess.json): run `estpipe preprocess`')
+  checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(
+      config.model_dir)
+  if not checkpoint_path:
+    raise FileNotFoundError(f'no checkpoint in {config.model_dir}: run '
+                            '`estpipe train` first')
+  if not tf.io.gfile.exists(checkpoint_path + '.index'):
+    raise FileNotFoundError(f'no checkpoint {checkpoint_path}')
+  estimator = train.build_estimator(config, warm_start=False)
+  return export_saved_model(config, estimator, checkpoint_path)

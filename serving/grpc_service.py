@@ -185,6 +185,7 @@ def status_response(core, name, version=None, label=None):
   for number, status in core.statuses(name, version, label):
     entry = response.model_version_status.add(
         version=number, state=_STATE.Value(status.state))
+    entry.status.SetInParent()  # TF Serving always reports a status
     if status.state == END and status.error:
       entry.status.error_code = 2  # UNKNOWN: the load failed
       entry.status.error_message = status.error

@@ -157,13 +157,22 @@ class ModelManager:
     candidates = self._candidates(model)
     if candidates is None:
       return
-    aspired = model.config.aspired(candidates)
     current = model.servables
-    loaded = {v: s for v, s in current.items() if v in aspired}
-    for version in sorted(aspired - set(current), reverse=True):
-      servable = self._load(model, version, candidates[version])
-      if servable is not None:
-        loaded[version] = servable
+    new = {}
+    while True:
+      aspired = model.config.aspired(candidates)
+      failed = False
+      for version in sorted(aspired - set(current) - set(new), reverse=True):
+        servable = self._load(model, version, candidates[version])
+        if servable is None:
+          # The policy picks again without it (e.g. the previous latest).
+          del candidates[version]
+          failed = True
+        else:
+          new[version] = servable
+      if not failed:
+        break
+    loaded = {v: current.get(v) or new[v] for v in aspired}
     if aspired and not loaded:
       # Keep serving the old versions rather than nothing.
       return
@@ -205,7 +214,8 @@ class ModelManager:
       servable = ServableVersion(name, version, path)
       self._on_load(servable)
     except Exception as e:  # pylint: disable=broad-except
-      message = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+      lines = str(e).splitlines()
+      message = f'{type(e).__name__}: {lines[0] if lines else ""}'
       log.error('model %s version %d failed to load: %s', name, version,
                 message)
       model.failed[version] = _stamp(path)

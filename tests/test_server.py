@@ -137,7 +137,8 @@ def _local_raw(local, kind):
 
 def _local_examples(local, kind, signature):
   fn = local[kind].signatures[signature]
-  return {k: v.numpy() for k, v in fn(inputs=tf.constant(_serialized())).items()}
+  outputs = fn(inputs=tf.constant(_serialized()))
+  return {k: v.numpy() for k, v in outputs.items()}
 
 
 def _url(server, path):
@@ -316,13 +317,46 @@ def test_rest_oversized_body_and_unknown_paths(server):
   assert ok.status_code == 200
 
 
-def test_rest_keeps_connection_alive(server):
+def test_rest_keeps_connection_alive_after_errors(server):
+  body = json.dumps({'examples': [{'x': 1.0}]})
   with requests.Session() as session:
-    for _ in range(3):
-      response = session.post(_url(server, 'reg:regress'), timeout=10,
-                              data=json.dumps({'examples': [{'x': 1.0}]}))
-      assert response.status_code == 200
+    for path, status in (('reg:regress', 200),
+                         ('reg/versions/x:regress', 400), ('reg:regress', 200),
+                         ('nope:regress', 404), ('reg:regress', 200),
+                         ('reg/labels/:regress', 400), ('reg:regress', 200)):
+      response = session.post(_url(server, path), timeout=10, data=body)
+      # Failed requests' bodies were skipped, not read as the next request.
+      assert response.status_code == status, (path, response.text)
       assert response.headers.get('Connection') != 'close'
+    assert response.json()['results']
+
+
+def _raw_http(server, data):
+  with socket.create_connection(('127.0.0.1', server.rest_port), 10) as sock:
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    chunks = []
+    while True:
+      chunk = sock.recv(65536)
+      if not chunk:
+        return b''.join(chunks).decode()
+      chunks.append(chunk)
+
+
+def test_rest_protocol_edge_cases(server):
+  body = json.dumps({'examples': [{'x': 0.2}]}).encode()
+  # curl sends Expect: 100-continue for larger bodies; HTTP/1.0 closes.
+  answer = _raw_http(server, (
+      b'POST /v1/models/reg:regress HTTP/1.0\r\nExpect: 100-continue\r\n'
+      b'Content-Length: %d\r\n\r\n' % len(body)) + body)
+  assert answer.startswith('HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK')
+  assert '"results"' in answer
+  assert _raw_http(server, b'garbage\r\n\r\n').startswith(
+      'HTTP/1.1 400 Bad Request')
+  answer = _raw_http(server, b'DELETE /v1/models/reg HTTP/1.1\r\n\r\n')
+  assert answer.startswith('HTTP/1.1 405') and 'not supported' in answer
+  answer = _raw_http(server, b'POST /v1/models/reg:regress HTTP/1.1\r\n\r\n')
+  assert answer.startswith('HTTP/1.1 411') and 'Content-Length' in answer
 
 
 # gRPC
@@ -558,6 +592,31 @@ def test_new_version_swaps_in_without_failed_requests(exports, tmp_path):
   assert statuses[2].state == 'END' and statuses[1].state == 'AVAILABLE'
 
 
+def test_broken_version_is_skipped_and_reported(exports, tmp_path):
+  base = tmp_path / 'cls'
+  base.mkdir()
+  _publish(exports['classifier'], str(base), 1)
+  broken = base / '2'
+  shutil.copytree(exports['classifier'], broken)
+  (broken / 'saved_model.pb').write_bytes(b'not a SavedModel')
+  options = ServerOptions(models=[ModelConfig('cls', str(base))],
+                          grpc_port=None, rest_port=0, poll_wait_seconds=0)
+  srv = ModelServer(options).start()
+  try:
+    # The newest version failed to load, so the one before it serves.
+    assert srv.resolve('cls').version == 1
+    status = requests.get(_url(srv, 'cls'), timeout=10).json()
+    by_version = {s['version']: s for s in status['model_version_status']}
+    assert by_version['1']['state'] == 'AVAILABLE'
+    assert by_version['2']['state'] == 'END'
+    assert by_version['2']['status']['error_code'] == 'UNKNOWN'
+    assert by_version['2']['status']['error_message']
+    _assert_error(_post(srv, 'cls/versions/2:classify',
+                        {'examples': [{'x': 1.0}]}), 404, 'Specific(cls, 2)')
+  finally:
+    srv.stop(grace=5)
+
+
 def _wait_for(condition, timeout=60):
   deadline = time.monotonic() + timeout
   while not condition():
@@ -615,6 +674,47 @@ def _answers(port):
                         timeout=2).status_code == 200
   except requests.RequestException:
     return False
+
+
+def _serve_args(*flags):
+  from pipeline import cli
+  return cli.build_parser().parse_args(['serve', *flags])
+
+
+def test_serve_flags_become_server_options(tmp_path):
+  from pipeline.cli import UserError
+  from serving.commands import serve_options
+  (tmp_path / 'a').mkdir()
+  config = tmp_path / 'models.config'
+  config.write_text(f'''model_config_list {{
+    config {{ name: "a" base_path: "{tmp_path / 'a'}"
+             model_version_policy {{ all {{}} }}
+             version_labels {{ key: "stable" value: 1 }} }} }}''')
+  options = serve_options(_serve_args(
+      f'--model_config_file={config}', '--port=9000', '--rest_api_port=0',
+      '--enable_batching=true', '--host=0.0.0.0'))
+  (model,) = options.models
+  assert (model.name, model.policy, model.labels) == ('a', 'all',
+                                                      {'stable': 1})
+  assert options.grpc_port == 9000 and options.rest_port is None
+  assert options.host == '0.0.0.0' and options.batching is not None
+  options = serve_options(_serve_args('--model_name=m',
+                                      f'--model_base_path={tmp_path / "a"}'))
+  assert options.models[0].name == 'm' and options.batching is None
+  assert (options.grpc_port, options.rest_port, options.host) == (
+      8500, 8501, '127.0.0.1')
+  for flags, message in (
+      ([], 'give --model_base_path'),
+      ([f'--model_config_file={config}', f'--model_base_path={tmp_path}'],
+       'not both'),
+      ([f'--model_base_path={tmp_path / "none"}'], 'does not exist'),
+      ([f'--model_base_path={tmp_path}',
+        f'--batching_parameters_file={config}'], 'needs --enable_batching'),
+      ([f'--model_config_file={tmp_path / "none"}'], 'cannot read'),
+      ([f'--model_base_path={tmp_path}',
+        '--file_system_poll_wait_seconds=-1'], 'must be >= 0')):
+    with pytest.raises(UserError, match=message):
+      serve_options(_serve_args(*flags))
 
 
 def test_serve_command_rejects_bad_flags(tmp_path):
