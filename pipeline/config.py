@@ -212,6 +212,8 @@ class ModelConfig:
   max_indicator_size: int = 16
   # Hash space of a crossed column (the product of the sizes, capped here).
   cross_buckets: int = 10000
+  # The wide part also gets bucketized numeric features (see estimators/).
+  wide_numeric_buckets: bool = True
   # Hash buckets for string features passed through untransformed.
   string_hash_buckets: int = 1000
 

@@ -109,6 +109,21 @@ def _sparsify(name, values, spec_dtype, missing_tokens):
   return tf.SparseTensor(indices, kept, tf.stack([batch, 1]))
 
 
+def predict_signature(names):
+  """The tf.Example predict signature among `names`.
+
+  Canned and custom Estimators export `predict`; Keras models converted with
+  model_to_estimator export only a predict-method `serving_default`.
+  """
+  return 'predict' if 'predict' in names else 'serving_default'
+
+
+def raw_signature(names):
+  """The raw-feature signature among `names` (see predict_signature)."""
+  return RAW_SIGNATURE if RAW_SIGNATURE in names else (
+      f'{RAW_RECEIVER}:serving_default')
+
+
 def _signature_safe(name):
   return re.sub(r'[^A-Za-z0-9_.]', '_', name)
 

@@ -30,7 +30,6 @@ from serving import raw_examples
 log = logging.getLogger('estpipe')
 
 _NAMESPACE = 'estpipe_predict'
-SIGNATURE = 'predict'
 OUTPUT_FORMATS = ('jsonl', 'csv')
 
 
@@ -38,17 +37,21 @@ class TooManyRejects(Exception):
   pass
 
 
-def output_widths(export_path, signature=SIGNATURE):
-  """{output name: values per row} of a signature, from its SignatureDef.
+def predict_signature(export_path):
+  """The export's tf.Example predict signature: (name, {output: width}).
 
-  Read from saved_model.pb without loading the model: the CSV header and the
-  JSON shapes are fixed before the job runs.
+  Widths (values per row) come from the SignatureDef in saved_model.pb,
+  read without loading the model: the CSV header and the JSON shapes are
+  fixed before the job runs.
   """
   from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-import-not-at-top
+  from serving import export  # pylint: disable=g-import-not-at-top
   saved_model = loader_impl.parse_saved_model(export_path)
   signatures = saved_model.meta_graphs[0].signature_def
-  if signature not in signatures:
-    raise ValueError(f'{export_path} has no {signature!r} signature')
+  signature = export.predict_signature(signatures)
+  if (signature not in signatures or signatures[signature].method_name !=
+      'tensorflow/serving/predict'):
+    raise ValueError(f'{export_path} has no tf.Example predict signature')
   widths = {}
   for name, info in sorted(signatures[signature].outputs.items()):
     dims = [d.size for d in info.tensor_shape.dim[1:]]
@@ -56,7 +59,7 @@ def output_widths(export_path, signature=SIGNATURE):
     for d in dims:
       width = None if d < 0 or width is None else width * d
     widths[name] = width
-  return widths
+  return signature, widths
 
 
 class _ParseRaw(beam.DoFn):
@@ -151,7 +154,7 @@ def _to_json(record):
   return json.dumps(record, sort_keys=True)
 
 
-def inference_spec(export_path, signature=SIGNATURE):
+def inference_spec(export_path, signature):
   from tfx_bsl.public.proto import model_spec_pb2  # pylint: disable=g-import-not-at-top
   return model_spec_pb2.InferenceSpecType(
       saved_model_spec=model_spec_pb2.SavedModelSpec(
@@ -162,7 +165,7 @@ def build(pipeline, config, export_path, files, data_format, output_format,
           output, rejects):
   """Adds the batch prediction job to `pipeline`."""
   from tfx_bsl.public.beam import RunInference  # pylint: disable=g-import-not-at-top
-  widths = output_widths(export_path)
+  signature, widths = predict_signature(export_path)
   if output_format == 'csv' and None in widths.values():
     raise ValueError('CSV output needs fixed-size outputs; use jsonl')
   parsed = (pipeline
@@ -175,7 +178,7 @@ def build(pipeline, config, export_path, files, data_format, output_format,
        # RunInference keeps keys only when the element type says (key, value).
        | 'Keyed' >> beam.Map(_identity).with_output_types(
            typing.Tuple[str, bytes])
-       | 'RunInference' >> RunInference(inference_spec(export_path))
+       | 'RunInference' >> RunInference(inference_spec(export_path, signature))
        | 'Format' >> beam.ParDo(_Format(widths, output_format))
        | 'WritePredictions' >> beam.io.WriteToText(
            output, shard_name_template='', header=header))

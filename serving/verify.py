@@ -114,25 +114,25 @@ def estimator_predictions(config, checkpoint, batches):
 
 # --- the serving side ---------------------------------------------------------
 
-def _signature_inputs(name, parser, rows):
-  if name == export.RAW_SIGNATURE:
+def _signature_inputs(fn, name, parser, rows):
+  if name.startswith(export.RAW_RECEIVER + ':'):
     return raw_examples.raw_tensors(
         parser, [raw_examples.to_raw_instance(parser, r.values) for r in rows])
-  serialized = tf.constant([raw_examples.to_example(parser, r.values)
-                            for r in rows])
-  key = 'inputs' if name != 'predict' else export.EXAMPLES_KEY
-  return {key: serialized}
+  # The one serialized tf.Example input: 'examples' or 'inputs'.
+  (key,) = fn.structured_input_signature[1]
+  return {key: tf.constant([raw_examples.to_example(parser, r.values)
+                            for r in rows])}
 
 
 def signatures_to_check(loaded):
   """The serving signatures of an export that take raw data."""
-  names = [n for n in loaded.signatures
-           if n in ('serving_default', 'classification', 'regression',
-                    'predict', export.RAW_SIGNATURE)]
-  if export.RAW_SIGNATURE not in names or 'predict' not in names:
-    raise SkewError(f'export lacks the predict or {export.RAW_SIGNATURE} '
-                    f'signature (has: {", ".join(sorted(loaded.signatures))})')
-  return sorted(names)
+  names = set(loaded.signatures)
+  wanted = {export.predict_signature(names), export.raw_signature(names)}
+  if not wanted <= names:
+    raise SkewError(f'export lacks the {" or ".join(sorted(wanted - names))} '
+                    f'signature (has: {", ".join(sorted(names))})')
+  return sorted(names & (wanted | {'serving_default', 'classification',
+                                   'regression'}))
 
 
 def signature_outputs(loaded, name, parser, rows, batch_size):
@@ -140,8 +140,8 @@ def signature_outputs(loaded, name, parser, rows, batch_size):
   fn = loaded.signatures[name]
   outputs = {}
   for start in range(0, len(rows), batch_size):
-    result = fn(**_signature_inputs(name, parser, rows[start:start +
-                                                        batch_size]))
+    result = fn(**_signature_inputs(fn, name, parser,
+                                    rows[start:start + batch_size]))
     for key, value in result.items():
       outputs.setdefault(key, []).append(value.numpy())
   return {k: np.concatenate(v) for k, v in outputs.items()}

@@ -1,0 +1,216 @@
+"""SavedModel exports: layout, signatures, raw vs tf.Example, skew check.
+
+A Census wide & deep model and a synthetic linear regressor are trained for
+a few steps on copies of the session's preprocessed runs and exported.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip('tensorflow')
+
+# pylint: disable=g-import-not-at-top,redefined-outer-name
+from pipeline import cli
+from serving import export
+from serving import raw_examples
+from serving import verify
+from tests import serving_helpers
+from tests.conftest import example_config, preprocessed
+
+
+@pytest.fixture(scope='module')
+def census_export(census_run, tmp_path_factory):
+  return serving_helpers.trained_export(census_run, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def regression_export(synthetic_csv, tmp_path_factory):
+  """A linear regressor on the synthetic data (label: an expression)."""
+  run_dir = tmp_path_factory.mktemp('regression_run')
+  config = preprocessed(example_config(
+      'synthetic', run_dir, f'data.train={synthetic_csv}/data-*.csv',
+      'label.name=target', 'label.task=regression', 'label.values=null',
+      'label.expression=age + capital_gain / 1000', 'model.type=linear'))
+  estimator = serving_helpers.train_briefly(config)
+  return config, export.export_saved_model(config, estimator)
+
+
+@pytest.fixture(scope='module')
+def census_loaded(census_export):
+  return tf.saved_model.load(census_export[1])
+
+
+def _signature_names(path):
+  return set(tf.saved_model.load(path).signatures)
+
+
+def test_export_is_an_integer_version_with_metadata(census_export):
+  config, path = census_export
+  assert os.path.dirname(path) == config.export_dir
+  assert os.path.basename(path).isdigit()
+  assert export.list_versions(config.export_dir) == [int(
+      os.path.basename(path))]
+  meta = export.read_metadata(path)
+  assert meta['exporter'] == 'manual'
+  assert meta['global_step'] == serving_helpers.TRAIN_STEPS
+  assert meta['checkpoint'] == tf.train.latest_checkpoint(config.model_dir)
+  # Staging leftovers would be half-written exports.
+  assert not os.listdir(config.path('.staging'))
+
+
+def test_classifier_signatures(census_loaded):
+  names = set(census_loaded.signatures)
+  assert {'serving_default', 'classification', 'predict',
+          export.RAW_SIGNATURE} <= names
+  raw = census_loaded.signatures[export.RAW_SIGNATURE]
+  inputs = raw.structured_input_signature[1]
+  assert inputs['age'].dtype == tf.float64
+  assert inputs['workclass'].dtype == tf.string
+  assert 'income' not in inputs
+
+
+def test_regressor_signatures_and_skew_check(regression_export):
+  config, path = regression_export
+  names = _signature_names(path)
+  assert {'serving_default', 'regression', 'predict',
+          export.RAW_SIGNATURE} <= names
+  assert 'classification' not in names
+  summary = verify.verify_export(config, path, max_rows=300)
+  assert summary['rows'] == 300
+  assert 'outputs' in summary['max_abs_diff']['regression']
+  assert max(summary['max_abs_diff']['raw:predict'].values()) <= 1e-5
+
+
+def test_raw_and_example_signatures_agree(census_export, census_loaded):
+  config, _ = census_export
+  parser, rows = serving_helpers.census_eval_rows(config, limit=200)
+  values = [v for _, v in rows]
+  # A row with every feature missing: the transform fills the defaults.
+  values.append([None] * len(parser.columns))
+  assert any(None in v for v in values[:-1]), 'Census eval has "?" values'
+  loaded = census_loaded
+  by_example = loaded.signatures['predict'](examples=tf.constant(
+      [raw_examples.to_example(parser, v) for v in values]))
+  by_raw = loaded.signatures[export.RAW_SIGNATURE](**raw_examples.raw_tensors(
+      parser, [raw_examples.to_raw_instance(parser, v) for v in values]))
+  classify = loaded.signatures['classification'](inputs=tf.constant(
+      [raw_examples.to_example(parser, v) for v in values]))
+  np.testing.assert_allclose(by_raw['probabilities'].numpy(),
+                             by_example['probabilities'].numpy(), atol=1e-6)
+  np.testing.assert_allclose(classify['scores'].numpy(),
+                             by_example['probabilities'].numpy(), atol=1e-6)
+  assert [c.decode() for c in classify['classes'][0].numpy()] == \
+      config.label.vocabulary
+  # Missing markers on the raw signature: '' or a data.missing token, NaN.
+  one = raw_examples.to_raw_instance(parser, values[0])
+  question = dict(one, workclass='?')
+  empty = dict(one, workclass='')
+  out = loaded.signatures[export.RAW_SIGNATURE](**raw_examples.raw_tensors(
+      parser, [question, empty]))['probabilities'].numpy()
+  np.testing.assert_allclose(out[0], out[1], atol=1e-7)
+
+
+def _saved_model_cli(*args):
+  binary = os.path.join(os.path.dirname(sys.executable), 'saved_model_cli')
+  result = subprocess.run([binary, *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def test_saved_model_cli_show_and_run(census_export):
+  config, path = census_export
+  shown = _saved_model_cli('show', '--dir', path, '--all')
+  for name in ('serving_default', 'classification', 'predict', 'raw:predict'):
+    assert f"signature_def['{name}']" in shown
+  parser, rows = serving_helpers.census_eval_rows(config, limit=1)
+  instance = raw_examples.to_raw_instance(parser, rows[0][1])
+  exprs = ';'.join(f'{k}=[{json.dumps(v)}]' for k, v in instance.items())
+  ran = _saved_model_cli('run', '--dir', path, '--tag_set', 'serve',
+                         '--signature_def', export.RAW_SIGNATURE,
+                         '--input_exprs', exprs)
+  assert 'probabilities' in ran
+
+
+def test_verify_export_passes(census_export, capsys):
+  config, _ = census_export
+  code = cli.main(['verify-export', config.source, '--set',
+                   f'run_dir={config.run_dir}', '--max_rows', '500'])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  summary = json.loads(out.out)
+  assert summary['rows'] == 500
+  assert set(summary['max_abs_diff']) >= {'predict', 'raw:predict',
+                                           'classification'}
+  history = [json.loads(line) for line in open(config.path('history.jsonl'))]
+  assert history[-1]['stage'] == 'verify-export'
+  assert history[-1]['status'] == 'succeeded'
+
+
+def test_verify_export_names_first_row_of_a_wrong_transform(
+    census_export, tmp_path, capsys):
+  """An export built with a stale vocabulary fails at the first row using it."""
+  config, good_path = census_export
+  tampered = serving_helpers.copy_preprocessed(config, tmp_path / 'tampered')
+  vocab = os.path.join(tampered.transform_dir, 'transform_fn', 'assets',
+                       'workclass')
+  with open(vocab) as f:
+    words = f.read().splitlines()
+  words[0], words[1] = words[1], words[0]
+  with open(vocab, 'w') as f:
+    f.write('\n'.join(words) + '\n')
+  from estimators import train
+  estimator = train.build_estimator(tampered, warm_start=False)
+  checkpoint = export.read_metadata(good_path)['checkpoint']
+  bad_path = export.export_saved_model(tampered, estimator, checkpoint)
+  # Move the bad export into the real run as its newest version.
+  target = os.path.join(config.export_dir, '9' * 10)
+  shutil.move(bad_path, target)
+  try:
+    parser, rows = serving_helpers.census_eval_rows(config, limit=300)
+    column = [c.name for c in parser.columns].index('workclass')
+    swapped = {words[0].encode(), words[1].encode()}
+    first = next(i for i, (_, v) in enumerate(rows) if v[column] in swapped)
+    code = cli.main(['verify-export', config.source, '--set',
+                     f'run_dir={config.run_dir}', '--max_rows', '300'])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f'training/serving skew at eval row {first} ' in err
+    assert f'adult.eval.csv:{rows[first][0]})' in err
+  finally:
+    shutil.rmtree(target, ignore_errors=True)
+
+
+def test_exporters_in_train_and_evaluate(census_run, tmp_path):
+  """latest (keep 1), best and final exporters wired into training."""
+  import dataclasses
+  from estimators import train
+  config = serving_helpers.copy_preprocessed(
+      census_run, tmp_path / 'run',
+      train=dataclasses.replace(census_run.train, steps=40,
+                                save_checkpoints_steps=20, eval_steps=5,
+                                eval_throttle_secs=0),
+      export=dataclasses.replace(census_run.export,
+                                 exporters=['latest', 'best', 'final'],
+                                 keep=1))
+  train.train(config)
+  names = os.listdir(config.export_dir)
+  assert names and all(n.isdigit() for n in names), names
+  by_exporter = {}
+  for version in export.list_versions(config.export_dir):
+    meta = export.read_metadata(os.path.join(config.export_dir,
+                                             str(version)))
+    by_exporter.setdefault(meta['exporter'], []).append(meta)
+  assert len(by_exporter['latest']) == 1
+  assert by_exporter['latest'][0]['global_step'] == 40
+  assert [m['global_step'] for m in by_exporter['final']] == [40]
+  assert 1 <= len(by_exporter['best']) and 'loss' in by_exporter['best'][
+      -1]['metrics']
+  newest = export.version_dir(config)
+  assert export.RAW_SIGNATURE in _signature_names(newest)

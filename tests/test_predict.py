@@ -1,0 +1,117 @@
+"""`estpipe predict`: Beam batch prediction over raw Census rows."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip('tensorflow')
+
+# pylint: disable=g-import-not-at-top,redefined-outer-name
+from pipeline import cli
+from serving import predict
+from serving import raw_examples
+from tests import serving_helpers
+
+BAD_LINE = '39,State-gov,not-a-number,Bachelors'
+
+
+@pytest.fixture(scope='module')
+def census_export(census_run, tmp_path_factory):
+  return serving_helpers.trained_export(census_run, tmp_path_factory)
+
+
+def _serving_answers(config, path, rows):
+  """The exported predict signature called in process: {line: probs}."""
+  parser = raw_examples.row_parser(config)
+  loaded = tf.saved_model.load(path)
+  answers = {}
+  for start in range(0, len(rows), 2048):
+    chunk = rows[start:start + 2048]
+    out = loaded.signatures['predict'](examples=tf.constant(
+        [raw_examples.to_example(parser, v) for _, v in chunk]))
+    for (line, _), probs in zip(chunk, out['probabilities'].numpy()):
+      answers[line] = probs
+  return answers
+
+
+def test_predict_census_eval_matches_serving(census_export, tmp_path, capsys):
+  config, path = census_export
+  source = config.data.eval_patterns[0]
+  data = str(tmp_path / 'eval.csv')
+  shutil.copy(source, data)
+  with open(data, 'a') as f:
+    f.write(BAD_LINE + '\n')
+  output = str(tmp_path / 'out' / 'predictions.jsonl')
+  code = cli.main(['predict', config.source, '--set',
+                   f'run_dir={config.run_dir}', '--input', data,
+                   '--output', output])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  summary = json.loads(out.out)
+  _, good = serving_helpers.census_eval_rows(config)
+  assert summary['read'] == len(good) + 1
+  assert summary['rejected'] == 1
+  with open(output) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == len(good) == summary['written']
+  lines = {int(r['key'].rsplit(':', 1)[1]): r for r in records}
+  assert len(lines) == len(records), 'keys are unique'
+  assert all(r['key'].startswith(data + ':') for r in records)
+  expected = _serving_answers(config, path, good)
+  assert set(lines) == set(expected)
+  np.testing.assert_allclose(
+      [lines[n]['probabilities'] for n in sorted(expected)],
+      [expected[n] for n in sorted(expected)], rtol=1e-6, atol=1e-7)
+  assert {r['classes'] for r in records} <= set(config.label.vocabulary)
+  with open(predict.rejects_path(output)) as f:
+    rejects = [json.loads(line) for line in f]
+  assert len(rejects) == 1
+  assert rejects[0]['raw'] == BAD_LINE
+  assert rejects[0]['line'] == len(good) + 1
+  assert 'expected 15 columns' in rejects[0]['reason']
+  assert sorted(os.listdir(os.path.dirname(output))) == [
+      'predictions.jsonl', 'predictions.jsonl.rejects.jsonl']
+
+
+def test_predict_csv_output_multi_processing(census_export, tmp_path, capsys):
+  """Workers in other processes: everything they run is importable."""
+  config, path = census_export
+  data = str(tmp_path / 'head.csv')
+  with open(config.data.eval_patterns[0]) as src, open(data, 'w') as dst:
+    dst.writelines(line for _, line in zip(range(300), src))
+  output = str(tmp_path / 'predictions.csv')
+  code = cli.main(['predict', config.source, '--set',
+                   f'run_dir={config.run_dir}', '--input', data,
+                   '--output', output, '--direct_running_mode',
+                   'multi_processing', '--direct_num_workers', '2'])
+  assert code == 0, capsys.readouterr().err
+  with open(output, newline='') as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == 300
+  _, good = serving_helpers.census_eval_rows(config, limit=300)
+  expected = _serving_answers(config, path, good)
+  got = {int(r['key'].rsplit(':', 1)[1]): float(r['probabilities_1'])
+         for r in table}
+  np.testing.assert_allclose([got[n] for n in sorted(expected)],
+                             [expected[n][1] for n in sorted(expected)],
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_predict_rejects_too_many_bad_rows(census_export, tmp_path, capsys):
+  config, _ = census_export
+  data = str(tmp_path / 'bad.csv')
+  with open(config.data.eval_patterns[0]) as src, open(data, 'w') as dst:
+    dst.writelines(line for _, line in zip(range(20), src))
+    dst.write(BAD_LINE + '\n')
+  output = str(tmp_path / 'predictions.jsonl')
+  code = cli.main(['predict', config.source, '--set',
+                   f'run_dir={config.run_dir}', '--input', data,
+                   '--output', output])
+  assert code == 1
+  assert '1 of 21 rows rejected' in capsys.readouterr().err
+  assert not os.path.exists(output)
+  assert os.path.exists(predict.rejects_path(output))
