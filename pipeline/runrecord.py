@@ -35,14 +35,32 @@ def read_json(path):
 def staging_dir(run_dir, stage):
   """A private folder under RUN_DIR for a stage's outputs before publishing.
 
-  Removed on exit; whatever the stage published by `publish` survives.
+  Removed on exit; whatever the stage published by `publish` survives. The
+  staging root goes too once no other stage uses it.
   """
-  path = os.path.join(run_dir, _STAGING, f'{stage}-{uuid.uuid4().hex[:8]}')
-  os.makedirs(path)
+  root = os.path.join(run_dir, _STAGING)
+  path = os.path.join(root, f'{stage}-{uuid.uuid4().hex[:8]}')
+  _make_staging(path)
   try:
     yield path
   finally:
     shutil.rmtree(path, ignore_errors=True)
+    try:
+      os.rmdir(root)
+    except OSError:  # another stage is staging, or it is already gone
+      pass
+
+
+def _make_staging(path):
+  # A stage finishing at the same moment may remove the empty root between
+  # makedirs creating it and creating `path` in it: create it again.
+  for attempt in range(3):
+    try:
+      os.makedirs(path)
+      return
+    except FileNotFoundError:
+      if attempt == 2:
+        raise
 
 
 def publish(src, dst):

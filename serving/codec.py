@@ -3,10 +3,12 @@
 JSON follows TF Serving's REST API: strings are UTF-8 text or {"b64": ...};
 numbers must fit the input's dtype (no silent string-to-number parsing).
 TensorProto conversions use the typed value fields, as TF Serving does.
-tf.Example building follows TF Serving's Classify/Regress JSON rules.
+tf.Example building follows TF Serving's Classify/Regress JSON rules, except
+for features whose kind an estpipe export declares (see `example_kinds`).
 """
 
 import base64
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -199,17 +201,114 @@ def array_to_proto(arr):
   return proto
 
 
-def json_to_example(features, where):
-  """A tf.Example from a JSON object {feature: value or list of values}."""
+# The tf.Example value list of each raw feature kind an estpipe export
+# declares in its metadata (serving.export.raw_feature_kinds).
+_KIND_LISTS = {'float': 'float_list', 'integer': 'int64_list',
+               'string': 'bytes_list'}
+_KIND_WANTS = {'float': ('a float', 'numbers'),
+               'integer': ('an integer', 'whole numbers'),
+               'string': ('a string', 'text or {"b64": ...}')}
+_INT64 = np.iinfo(np.int64)
+
+
+def example_kinds(kinds, where):
+  """Checks {feature: 'float' | 'integer' | 'string'} from export metadata.
+
+  Raises ValueError naming `where` unless every kind is one of those.
+  """
+  if not isinstance(kinds, dict) or not all(
+      isinstance(name, str) and kind in _KIND_LISTS
+      for name, kind in kinds.items()):
+    raise ValueError(f'{where}: raw_features must map feature names to one '
+                     f'of {", ".join(_KIND_LISTS)}, got {_describe(kinds)}')
+  return dict(kinds)
+
+
+def json_to_example(features, where, kinds=None):
+  """A tf.Example from a JSON object {feature: value or list of values}.
+
+  Features in `kinds` (see example_kinds) get the value list the export's
+  parser expects: JSON has one number type, so an integer sent for a float
+  feature is a float, and a whole number for an integer feature an integer;
+  a value of the wrong kind is an error naming the feature. Other features
+  are typed from their values, as TF Serving does.
+  """
   if not isinstance(features, dict):
     raise invalid(f'{where} must be a JSON object of features, got '
                   f'{_describe(features)}')
+  kinds = kinds or {}
   example = example_pb2.Example()
   feature_map = example.features.feature
   for key, value in features.items():
     values = value if isinstance(value, list) else [value]
-    _fill_feature(feature_map[key], values, f'{where}.{key}')
+    if key in kinds:
+      _fill_kind(feature_map[key], values, kinds[key], key, f'{where}.{key}')
+    else:
+      _fill_feature(feature_map[key], values, f'{where}.{key}')
   return example
+
+
+def coerce_example(example, kinds, where):
+  """Retypes an Example's features in `kinds` in place, as json_to_example.
+
+  For gRPC clients, whose Examples arrive typed: an int64_list for a float
+  feature becomes a float_list and so on; text for a number (or the reverse)
+  is an error naming the feature.
+  """
+  feature_map = example.features.feature
+  for name, kind in kinds.items():
+    if name not in feature_map:
+      continue
+    feature = feature_map[name]
+    have = feature.WhichOneof('kind')
+    if have is None or have == _KIND_LISTS[kind]:
+      continue
+    values = list(getattr(feature, have).value)
+    if have == 'bytes_list' and values:
+      raise _wrong_kind(name, kind, values[0], where)
+    feature.Clear()
+    _fill_kind(feature, values, kind, name, where)
+
+
+def _fill_kind(feature, values, kind, name, where):
+  """Fills `feature` with `values` as the value list of a declared kind."""
+  if kind == 'string':
+    for value in values:
+      if not isinstance(value, (str, dict)):
+        raise _wrong_kind(name, kind, value, where)
+    feature.bytes_list.value.extend(decode_string(v, where) for v in values)
+    feature.bytes_list.SetInParent()
+    return
+  numbers = [_number(v, kind, name, where) for v in values]
+  value_list = getattr(feature, _KIND_LISTS[kind])
+  value_list.value.extend(numbers)
+  value_list.SetInParent()
+
+
+def _number(value, kind, name, where):
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise _wrong_kind(name, kind, value, where)
+  if kind == 'float':
+    try:
+      return float(value)
+    except OverflowError:
+      raise invalid(f'{where}: feature {name!r}: {_describe(value)} is out '
+                    'of range for a float') from None
+  if isinstance(value, float) and not (math.isfinite(value) and
+                                       value.is_integer()):
+    raise _wrong_kind(name, kind, value, where)
+  if not _INT64.min <= value <= _INT64.max:
+    raise invalid(f'{where}: feature {name!r}: {_describe(value)} is out of '
+                  'range for int64')
+  return int(value)
+
+
+def _wrong_kind(name, kind, value, where):
+  if isinstance(value, bytes):
+    value = value.decode('utf-8', 'replace')
+  article_kind, wants = _KIND_WANTS[kind]
+  return invalid(f'{where}: feature {name!r} is {article_kind} feature of '
+                 f'this model and takes {wants}, got {_describe(value)}')
 
 
 def _fill_feature(feature, values, where):

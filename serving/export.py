@@ -54,6 +54,18 @@ def serving_feature_spec(config):
   return schema.serving_feature_spec(config)
 
 
+# Wire kinds of the raw features, as written to the export metadata: the
+# model server reads them to build tf.Examples this export's parser accepts.
+RAW_FEATURE_KINDS = {tf.float32: 'float', tf.int64: 'integer',
+                     tf.string: 'string'}
+
+
+def raw_feature_kinds(config):
+  """{raw feature: 'float' | 'integer' | 'string'} of the serving inputs."""
+  return {name: RAW_FEATURE_KINDS[spec.dtype]
+          for name, spec in sorted(serving_feature_spec(config).items())}
+
+
 def raw_input_dtype(spec_dtype):
   """The dtype of a raw-feature signature input for a raw column dtype.
 
@@ -269,6 +281,7 @@ def export_saved_model(config, estimator, checkpoint_path=None,
         'checkpoint': checkpoint_path,
         'global_step': _global_step(checkpoint_path),
         'metrics': _plain_metrics(metrics),
+        'raw_features': raw_feature_kinds(config),
         'time': runrecord.now(),
     })
     version, target = _publish_version(written, config.export_dir)
@@ -407,7 +420,6 @@ def make_exporters(config):
 
 def export_checkpoint(config, checkpoint_path=None):
   """`estpipe export`: one checkpoint (default: the latest) -> a version."""
-  from estimators import train  # pylint: disable=g-import-not-at-top
   if not os.path.exists(config.path('preprocess.json')):
     raise FileNotFoundError(f'{config.run_dir} is not preprocessed (no '
                             'preprocess.json): run `estpipe preprocess`')
@@ -418,5 +430,7 @@ def export_checkpoint(config, checkpoint_path=None):
                             '`estpipe train` first')
   if not tf.io.gfile.exists(checkpoint_path + '.index'):
     raise FileNotFoundError(f'no checkpoint {checkpoint_path}')
+  # Imported once the inputs are known to be there: it takes seconds.
+  from estimators import train  # pylint: disable=g-import-not-at-top
   estimator = train.build_estimator(config, warm_start=False)
   return export_saved_model(config, estimator, checkpoint_path)

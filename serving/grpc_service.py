@@ -82,18 +82,34 @@ def _fill_spec(spec, servable, signature_key=None):
     spec.signature_name = signature_key
 
 
-def serialized_examples(input_proto):
-  """Serialized tf.Examples of a tensorflow.serving.Input."""
+def serialized_examples(input_proto, kinds=None):
+  """Serialized tf.Examples of a tensorflow.serving.Input.
+
+  With `kinds` (an estpipe export's raw feature kinds) the Examples are
+  retyped first, as REST does for JSON values (codec.coerce_example).
+  """
   kind = input_proto.WhichOneof('kind')
   if kind == 'example_list':
-    return [e.SerializeToString() for e in input_proto.example_list.examples]
+    examples = input_proto.example_list.examples
+    _coerce(examples, kinds, 'example_list')
+    return [e.SerializeToString() for e in examples]
   if kind == 'example_list_with_context':
     data = input_proto.example_list_with_context
+    _coerce(data.examples, kinds, 'example_list_with_context')
+    if kinds:
+      codec.coerce_example(data.context, kinds,
+                           'example_list_with_context.context')
     # Protobuf merge semantics: an example's features win over the context's.
     context = data.context.SerializeToString()
     return [context + e.SerializeToString() for e in data.examples]
   raise invalid('Input is empty: set example_list or '
                 'example_list_with_context')
+
+
+def _coerce(examples, kinds, where):
+  if kinds:
+    for i, example in enumerate(examples):
+      codec.coerce_example(example, kinds, f'{where}.examples[{i}]')
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -120,7 +136,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
   def Classify(self, request, context):  # pylint: disable=invalid-name
     servable = resolve_spec(self.core, request.model_spec)
     signature = servable.signature(request.model_spec.signature_name)
-    results = self.core.classify(signature, serialized_examples(request.input))
+    results = self.core.classify(signature, serialized_examples(
+        request.input, servable.raw_features))
     response = classification_pb2.ClassificationResponse()
     _fill_spec(response.model_spec, servable, signature.key)
     for result in results:
@@ -133,7 +150,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
   def Regress(self, request, context):  # pylint: disable=invalid-name
     servable = resolve_spec(self.core, request.model_spec)
     signature = servable.signature(request.model_spec.signature_name)
-    values = self.core.regress(signature, serialized_examples(request.input))
+    values = self.core.regress(signature, serialized_examples(
+        request.input, servable.raw_features))
     response = regression_pb2.RegressionResponse()
     _fill_spec(response.model_spec, servable, signature.key)
     for value in values:

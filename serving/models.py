@@ -13,6 +13,8 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
 
+from serving import codec
+from serving import export
 from serving.errors import ServingError, from_tf_error, invalid
 
 SERVE_TAG = 'serve'
@@ -105,6 +107,9 @@ class ServableVersion:
     self.version = version
     self.path = path
     self.meta_graph = _read_meta_graph(path)
+    # {raw feature: kind} for building tf.Examples; None: not an estpipe
+    # export (or an older one), so Examples are typed from the values alone.
+    self.raw_features = _raw_feature_kinds(path)
     self._loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
     self.signatures = {}
     for key, function in self._loaded.signatures.items():
@@ -125,6 +130,18 @@ class ServableVersion:
           f'Serving signature key "{key}" not found. Available: '
           f'{", ".join(sorted(self.signatures))}')
     return signature
+
+
+def _raw_feature_kinds(path):
+  """The raw feature kinds an estpipe export declares, or None."""
+  meta_path = os.path.join(path, export.METADATA_FILE)
+  try:
+    meta = export.read_metadata(path)
+  except ValueError as e:
+    raise ValueError(f'{meta_path} is not valid JSON: {e}') from None
+  if not isinstance(meta, dict) or meta.get('raw_features') is None:
+    return None
+  return codec.example_kinds(meta['raw_features'], meta_path)
 
 
 def _read_meta_graph(path):

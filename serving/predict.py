@@ -11,14 +11,18 @@ on workers is defined here, in an installed module.
 """
 
 import csv
+import glob
 import io
 import json
 import logging
+import os
+import shutil
 import time
 import typing
 import uuid
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -243,7 +247,33 @@ def predict(config, export_path, input_pattern, output, data_format=None,
     for path in (staged, staged_rejects):
       if FileSystems.exists(path):
         FileSystems.delete([path])
+      _remove_beam_temp(path)
   return summary
+
+
+def _remove_beam_temp(path):
+  """Deletes the shards a failed WriteToText to `path` left behind.
+
+  Beam writes them under `beam-temp-<name>-<uuid>` beside the output and
+  removes that folder only when the write completes. `path` is this run's
+  staged name, so no other job's folder matches.
+  """
+  base, name = FileSystems.split(path)
+  try:
+    if '://' not in path:
+      # Local: the folder itself, which may be empty.
+      for folder in glob.glob(os.path.join(
+          glob.escape(base), f'beam-temp-{glob.escape(name)}-*')):
+        shutil.rmtree(folder, ignore_errors=True)
+      return
+    # Object stores have no folders: delete the objects under the prefix.
+    pattern = FileSystems.join(base, f'beam-temp-{name}-*') + '/**'
+    found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if found:
+      FileSystems.delete(found)
+  except (BeamIOError, OSError) as e:
+    # Cleanup must not hide why the job failed.
+    log.warning('could not remove Beam temporary files of %s: %s', path, e)
 
 
 def _check_rejects(config, summary):

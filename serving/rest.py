@@ -351,30 +351,33 @@ def _outputs_to_rows(outputs, count):
           for i in range(count)]
 
 
-def _examples(body):
+def _examples(body, kinds):
+  """Serialized tf.Examples of `examples` (+ `context`), typed by `kinds`."""
   examples = body.get('examples')
   if not isinstance(examples, list) or not examples:
     raise invalid("'examples' must be a non-empty list of feature objects")
-  serialized = [codec.json_to_example(e, f'examples[{i}]').SerializeToString()
-                for i, e in enumerate(examples)]
+  serialized = [codec.json_to_example(e, f'examples[{i}]', kinds)
+                .SerializeToString() for i, e in enumerate(examples)]
   context = body.get('context')
   if context is not None:
     # Protobuf merge semantics: an example's features win over the context's.
-    prefix = codec.json_to_example(context, 'context').SerializeToString()
+    prefix = codec.json_to_example(context, 'context',
+                                   kinds).SerializeToString()
     serialized = [prefix + s for s in serialized]
   return serialized
 
 
 def _classify(core, servable, body):
   signature = _signature(servable, body)
-  results = core.classify(signature, _examples(body))
+  results = core.classify(signature, _examples(body, servable.raw_features))
   return {'results': [[[_text(label), score] for label, score in result]
                       for result in results]}
 
 
 def _regress(core, servable, body):
   signature = _signature(servable, body)
-  return {'results': core.regress(signature, _examples(body))}
+  return {'results': core.regress(signature,
+                                  _examples(body, servable.raw_features))}
 
 
 def _text(label):

@@ -60,8 +60,12 @@ def test_export_is_an_integer_version_with_metadata(census_export):
   assert meta['exporter'] == 'manual'
   assert meta['global_step'] == serving_helpers.TRAIN_STEPS
   assert meta['checkpoint'] == tf.train.latest_checkpoint(config.model_dir)
-  # Staging leftovers would be half-written exports.
-  assert not os.listdir(config.path('.staging'))
+  # What the model server types JSON values by (census: no integer features).
+  assert meta['raw_features'] == {
+      f.name: 'float' if f.type == 'float' else 'string'
+      for f in config.features}
+  # Staging leftovers would be half-written exports; the empty root goes too.
+  assert not os.path.exists(config.path('.staging'))
 
 
 def test_classifier_signatures(census_loaded):
@@ -136,6 +140,51 @@ def test_saved_model_cli_show_and_run(census_export):
                          '--signature_def', export.RAW_SIGNATURE,
                          '--input_exprs', exprs)
   assert 'probabilities' in ran
+
+
+def _estpipe(*args):
+  binary = os.path.join(os.path.dirname(sys.executable), 'estpipe')
+  return subprocess.run([binary, *args], capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def test_export_command(census_export, tmp_path, capsys):
+  """`estpipe export` on a copy of a trained run: new versions, no traces."""
+  config, _ = census_export
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  shutil.copytree(config.path('transform'), run_dir / 'transform')
+  shutil.copy(config.path('preprocess.json'), run_dir)
+  args = [config.source, '--set', f'run_dir={run_dir}']
+  # No checkpoint yet: exit 1 with a one-line error (cli.main returns the
+  # exit status; anything but a UserError would raise), nothing written.
+  assert cli.main(['export', *args]) == 1
+  err = capsys.readouterr().err
+  assert (f'estpipe: error: no checkpoint in {run_dir / "model"}: run '
+          '`estpipe train` first\n') in err
+  assert 'Traceback' not in err
+  assert not (run_dir / 'export').exists()
+
+  shutil.copytree(config.model_dir, run_dir / 'model')
+  checkpoint = tf.train.latest_checkpoint(str(run_dir / 'model'))
+  assert checkpoint.startswith(str(run_dir)), 'the copy, not the shared run'
+  done = _estpipe('export', *args)
+  assert done.returncode == 0, done.stderr[-2000:]
+  first = done.stdout.strip()
+  assert os.path.dirname(first) == str(run_dir / 'export')
+  assert os.path.isfile(os.path.join(first, 'saved_model.pb'))
+  assert export.read_metadata(first)['checkpoint'] == checkpoint
+  # Exporting again (in process: TensorFlow is loaded) makes a newer version.
+  assert cli.main(['export', *args]) == 0, capsys.readouterr().err
+  second = capsys.readouterr().out.strip()
+  assert int(os.path.basename(second)) > int(os.path.basename(first))
+  assert export.list_versions(str(run_dir / 'export')) == [
+      int(os.path.basename(p)) for p in (first, second)]
+  assert sorted(os.listdir(run_dir)) == [
+      'export', 'history.jsonl', 'model', 'preprocess.json', 'transform']
+  history = [json.loads(line) for line in open(run_dir / 'history.jsonl')]
+  assert [(h['stage'], h['status']) for h in history] == [
+      ('export', 'failed'), ('export', 'succeeded'), ('export', 'succeeded')]
 
 
 def test_verify_export_passes(census_export, capsys):

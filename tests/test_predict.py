@@ -115,3 +115,18 @@ def test_predict_rejects_too_many_bad_rows(census_export, tmp_path, capsys):
   assert '1 of 21 rows rejected' in capsys.readouterr().err
   assert not os.path.exists(output)
   assert os.path.exists(predict.rejects_path(output))
+
+
+def test_failed_job_leaves_nothing_beside_the_output(census_export, tmp_path):
+  """A job that fails midway leaves no output and no Beam temp folders."""
+  config, path = census_export
+  # Beam reads a .gz name compressed: this plain text fails in the job.
+  data = str(tmp_path / 'eval.csv.gz')
+  with open(config.data.eval_patterns[0]) as src, open(data, 'w') as dst:
+    dst.writelines(line for _, line in zip(range(20), src))
+  out_dir = tmp_path / 'out'
+  out_dir.mkdir()
+  with pytest.raises(Exception) as failure:
+    predict.predict(config, path, data, str(out_dir / 'predictions.jsonl'))
+  assert 'ParseRaw' in str(failure.value), 'failed midway, in the job'
+  assert os.listdir(out_dir) == []

@@ -49,6 +49,8 @@ def test_synthetic_text_and_counts(synthetic_run):
   summary = runrecord.read_json(synthetic_run.path('preprocess.json'))
   splits = summary['splits']
   assert splits['train']['written'] + splits['eval']['written'] == 5000
+  # The finished stage leaves no staging folder, not even an empty root.
+  assert not os.path.exists(synthetic_run.path('.staging'))
   assert splits['train']['rejected'] + splits['eval']['rejected'] == 0
   train = read_transformed(synthetic_run, 'train')
   # tf-idf: ids and weights per row, aligned, every row has tokens.
