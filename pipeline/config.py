@@ -484,15 +484,18 @@ def _as_list(value):
 
 
 def _read_csv_header(data):
+  """The first file's header; any file system and compression Beam reads."""
   import csv  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   for pattern in data.train_patterns:
-    for filename in sorted(glob.glob(pattern)):
-      with open(filename, newline='') as f:
-        line = f.readline()
-      return [c.strip() for c in next(csv.reader([line],
-                                                 delimiter=data.delimiter))]
-    raise ConfigError('data.train', f'no file matches {pattern}')
+    matches = FileSystems.match([pattern])[0].metadata_list
+    if not matches:
+      raise ConfigError('data.train', f'no file matches {pattern}')
+    first = sorted(m.path for m in matches)[0]
+    with FileSystems.open(first) as f:
+      line = f.readline().decode('utf-8', 'replace')
+    return [c.strip() for c in next(csv.reader([line],
+                                               delimiter=data.delimiter))]
   return None
 
 

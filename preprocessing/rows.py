@@ -10,7 +10,6 @@ import ast
 import base64
 import csv
 import hashlib
-import io
 import math
 import operator
 
@@ -168,9 +167,7 @@ class RowParser:
   def read_csv(self, path, header_names=None):
     """Yields (line_number, raw_text, values-or-Reject) for a CSV file."""
     with FileSystems.open(path) as raw:
-      text = io.TextIOWrapper(raw, encoding='utf-8', newline='',
-                              errors='surrogateescape')
-      tap = _LineTap(text)
+      tap = _LineTap(_text_lines(raw))
       reader = csv.reader(tap, delimiter=self.delimiter)
       names = header_names
       if names is None:
@@ -261,6 +258,19 @@ def _list_array(values, value_type):
   np.cumsum(present, out=offsets[1:])
   flat = pa.array([v for v in values if v is not None], type=value_type)
   return pa.LargeListArray.from_arrays(pa.array(offsets), flat)
+
+
+def _text_lines(binary):
+  """Decoded lines of a binary file, compressed (.gz, .bz2) or not.
+
+  Beam's compressed files are not io objects (no TextIOWrapper), but all
+  have readline; bad UTF-8 is kept as surrogates and rejected per row.
+  """
+  while True:
+    line = binary.readline()
+    if not line:
+      return
+    yield line.decode('utf-8', 'surrogateescape')
 
 
 class _LineTap:

@@ -218,3 +218,15 @@ def test_portable_runner_job_submission(synthetic_run, synthetic_csv,
   summary = runrecord.read_json(config.path('preprocess.json'))
   assert summary['runner'] == 'PortableRunner'
   assert _records(config) == _records(synthetic_run)
+
+
+def test_gzip_csv_input(synthetic_run, synthetic_csv, tmp_path):
+  import gzip  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  (src,) = glob.glob(f'{synthetic_csv}/data-*.csv')
+  dst = tmp_path / 'data.csv.gz'
+  with open(src, 'rb') as f, gzip.open(dst, 'wb') as g:
+    shutil.copyfileobj(f, g)
+  config = example_config('synthetic', tmp_path / 'run', f'data.train={dst}')
+  run_lib.preprocess(config)
+  assert _records(config) == _records(synthetic_run)
