@@ -38,9 +38,19 @@ def register(subparsers):
   parser.set_defaults(func=_evaluate)
 
 
+def _quiet_deprecations(args):
+  """tf.estimator warns on every call that it is deprecated: say it once."""
+  # Progress lines are INFO; keep them whatever the root logger's level is.
+  log.setLevel(logging.INFO)
+  if not args.verbose:
+    from tensorflow.python.util import deprecation  # pylint: disable=g-import-not-at-top
+    deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
+
+
 def _train(args):
   from estimators import runconfig  # pylint: disable=g-import-not-at-top
   from estimators import train  # pylint: disable=g-import-not-at-top
+  _quiet_deprecations(args)
   config = config_from_args(args)
   chief = runconfig.task_type() in (None, 'chief')
   try:
@@ -64,10 +74,14 @@ def _train(args):
 
 def _evaluate(args):
   from estimators import train  # pylint: disable=g-import-not-at-top
+  _quiet_deprecations(args)
   config = config_from_args(args)
   result = train.evaluate(config, args.checkpoint, args.slices)
   output = args.output or config.path('evaluation.json')
   runrecord.write_json(os.path.abspath(output), result)
+  runrecord.append_history(config.run_dir, 'evaluate', 'ok', {
+      'global_step': result['global_step'], 'output': output,
+      'metrics': _headline(result['metrics'])})
   log.info('checkpoint %s (step %d): %s', result['checkpoint'],
            result['global_step'], _format(_headline(result['metrics'])))
   for name, values in result.get('slices', {}).items():

@@ -6,7 +6,8 @@ transformed schema that tf.Transform wrote, never from the config again, so a
 model always agrees with the data it reads.
 
   - numeric features (z_score, scale_0_1, log, numeric identity): a
-    numeric_column in both parts.
+    numeric_column in both parts, and in the wide part also its buckets
+    (`model.wide_numeric_buckets`; not for identity, whose scale is unknown).
   - categorical ids (vocabulary, bucketize, hash): an identity column; the
     wide part uses it as is, the deep part one-hot (small) or embedded.
   - text: the sparse term ids (tf-idf weighted when the text_output is
@@ -54,6 +55,11 @@ def build_feature_columns(config, tft_output):
       numeric[feature.name] = column
       wide.append(column)
       deep.append(column)
+      if config.model.wide_numeric_buckets:
+        bucketized = _bucketized(feature, column, strict=False)
+        if bucketized is not None:
+          # A linear model cannot bend a numeric input: its buckets can.
+          wide.append(bucketized)
       continue
     column, size = _categorical_column(feature, kind, spec, tft_output,
                                        config.model)
@@ -136,10 +142,14 @@ def _crossed_column(cross, config, categorical, numeric, tft_output):
   return tf.feature_column.crossed_column(keys, hash_bucket_size=buckets)
 
 
-def _bucketized(feature, column):
+def _bucketized(feature, column, strict=True):
+  """Buckets of a transformed numeric feature (None if its scale is unknown
+  and not `strict`)."""
   boundaries = {'z_score': _Z_SCORE_BOUNDARIES,
                 'scale_0_1': _UNIT_BOUNDARIES,
                 'log': _LOG_BOUNDARIES}.get(feature.transform)
+  if boundaries is None and not strict:
+    return None
   if boundaries is None:
     raise ConfigError('model.crosses', f'{feature.name!r} ({feature.transform}'
                       ') has no known scale to bucketize for a cross; use '

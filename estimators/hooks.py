@@ -2,9 +2,12 @@
 that attaches them to any Estimator (canned, custom or Keras)."""
 
 import logging
+import os
 import time
 
 import tensorflow as tf
+# read_eval_metrics is not in the public API of this Estimator release.
+from tensorflow_estimator.python.estimator import early_stopping
 
 log = logging.getLogger('estpipe')
 
@@ -25,6 +28,8 @@ class ProgressHook(tf.estimator.SessionRunHook):
     self._eval_dir = eval_dir
     self._steps = 0
     self._last = None
+    self._eval_stamp = None
+    self._eval_cache = None
 
   def begin(self):
     self._global_step = tf.compat.v1.train.get_global_step()
@@ -32,15 +37,16 @@ class ProgressHook(tf.estimator.SessionRunHook):
   def before_run(self, run_context):
     self._steps += 1
     if self._steps == 1 or self._steps % self._every == 0:
-      return tf.estimator.SessionRunArgs(
-          {'loss': self._loss, 'step': self._global_step})
+      return tf.estimator.SessionRunArgs({'loss': self._loss})
     return None
 
   def after_run(self, run_context, run_values):
     if not run_values.results:
       return
     now = time.time()
-    step, loss = run_values.results['step'], run_values.results['loss']
+    # The step fetched with the train op may be read before its increment.
+    step = run_context.session.run(self._global_step)
+    loss = run_values.results['loss']
     rate = ''
     if self._last is not None:
       steps, then = self._steps - self._last[0], self._last[1]
@@ -49,16 +55,26 @@ class ProgressHook(tf.estimator.SessionRunHook):
     log.info('step %d loss %.4f%s%s', step, loss, rate, self._eval_text())
 
   def _eval_text(self):
-    try:
-      evals = tf.estimator.experimental.read_eval_metrics(self._eval_dir)
-    except tf.errors.OpError:
-      return ''
+    evals = self._latest_eval()
     if not evals:
       return ''
-    step = max(evals)
-    shown = [f'{k} {evals[step][k]:.4f}' for k in _PROGRESS_METRICS
-             if k in evals[step]]
+    step, values = evals
+    shown = [f'{k} {values[k]:.4f}' for k in _PROGRESS_METRICS if k in values]
     return f' | eval@{step}: ' + ', '.join(shown) if shown else ''
+
+  def _latest_eval(self):
+    """(step, metrics) of the newest evaluation; re-read only on change."""
+    files = tf.io.gfile.glob(os.path.join(self._eval_dir, 'events.out.*'))
+    stamp = tuple(sorted((f, os.path.getmtime(f)) for f in files
+                         if os.path.exists(f)))
+    if stamp != self._eval_stamp:
+      self._eval_stamp = stamp
+      try:
+        evals = early_stopping.read_eval_metrics(self._eval_dir)
+      except tf.errors.OpError:
+        evals = None
+      self._eval_cache = (next(reversed(evals.items())) if evals else None)
+    return self._eval_cache
 
 
 def regression_metrics(labels, predictions):
@@ -71,13 +87,17 @@ def regression_metrics(labels, predictions):
   }
 
 
-def with_progress(estimator, config, warm_start_from=None, extra_metrics=None):
+def with_progress(estimator, config, warm_start_from=None, extra_metrics=None,
+                  transform_features=None):
   """The same Estimator, its model_fn wrapped to add a ProgressHook.
 
   Works for any model_fn (as tf.estimator.add_metrics does), so canned,
-  custom and Keras Estimators report progress the same way. The warm start
-  given here replaces the Estimator's own (Keras Estimators warm-start from
-  the Keras model's initial weights; a configured warm start wins).
+  custom and Keras Estimators report progress the same way. Also adds
+  `extra_metrics(labels, predictions)` to evaluation and applies
+  `transform_features` to the features in every mode (exports included).
+  The warm start given here replaces the Estimator's own (Keras Estimators
+  warm-start from the Keras model's initial weights; a configured warm start
+  wins).
   """
   inner = estimator.model_fn
   every = config.train.log_step_count_steps
@@ -85,6 +105,8 @@ def with_progress(estimator, config, warm_start_from=None, extra_metrics=None):
   eval_dir = estimator.eval_dir()
 
   def model_fn(features, labels, mode, config):  # pylint: disable=redefined-outer-name
+    if transform_features is not None:
+      features = transform_features(features)
     spec = inner(features, labels, mode, config)
     if mode == tf.estimator.ModeKeys.TRAIN:
       hook = ProgressHook(spec.loss, every, batch_size, eval_dir)

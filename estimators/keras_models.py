@@ -10,6 +10,8 @@ the hidden layers. The output layer is named like the canned predictions:
 
 import tensorflow as tf
 
+from pipeline.config import ConfigError
+
 
 @tf.keras.utils.register_keras_serializable(package='estpipe')
 class CrossLayer(tf.keras.layers.Layer):
@@ -56,7 +58,6 @@ class CrossLayer(tf.keras.layers.Layer):
     return cls(**config)
 
 
-CUSTOM_OBJECTS = {'CrossLayer': CrossLayer}
 
 
 def output_spec(config):
@@ -76,7 +77,7 @@ def build(config, columns):
     return sequential_model(config, columns)
   if style == 'functional':
     return functional_model(config, columns)
-  return DeepCrossModel(config, columns)
+  return subclassed_model(config, columns)
 
 
 def _hidden_layers(config):
@@ -95,9 +96,69 @@ def _output_layer(config):
   return tf.keras.layers.Dense(units, activation=activation, name=name)
 
 
+@tf.keras.utils.register_keras_serializable(package='estpipe')
+class PackedDenseFeatures(tf.keras.layers.DenseFeatures):
+  """DenseFeatures over one packed [batch, n] float tensor of features.
+
+  A Sequential model takes one tensor, and model_to_estimator clones it from
+  that tensor: the scalar transformed features are packed in order
+  (`pack_features`) and unpacked here, ids cast back to integers.
+  """
+
+  def __init__(self, feature_columns, packed_names, packed_dtypes, **kwargs):
+    super().__init__(feature_columns, **kwargs)
+    self.packed_names = list(packed_names)
+    self.packed_dtypes = list(packed_dtypes)
+
+  def call(self, packed, training=None):
+    columns = tf.unstack(packed, num=len(self.packed_names), axis=1)
+    features = {name: tf.cast(column, dtype) for name, column, dtype in
+                zip(self.packed_names, columns, self.packed_dtypes)}
+    return super().call(features, training=training)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({'packed_names': self.packed_names,
+                   'packed_dtypes': self.packed_dtypes})
+    return config
+
+
+PACKED_KEY = 'packed_features'
+
+
+def packed_features(config, feature_spec):
+  """(names, dtype names) of the features a Sequential model reads, packed."""
+  names, dtypes = [], []
+  for name in input_names(config, feature_spec):
+    spec = feature_spec[name]
+    if not isinstance(spec, tf.io.FixedLenFeature) or spec.shape:
+      raise ConfigError('model.keras_style', f'a sequential Keras model '
+                        f'reads scalar features only; {name!r} is not: use '
+                        'keras_style functional or subclassed')
+    if spec.dtype == tf.string:
+      raise ConfigError('model.keras_style', f'a sequential Keras model '
+                        f'reads numbers only; {name!r} is a string: use '
+                        'keras_style functional or subclassed')
+    names.append(name)
+    dtypes.append(spec.dtype.name)
+  return names, dtypes
+
+
+def pack_features(features, names):
+  """The features dict as {PACKED_KEY: [batch, n] float32}, in `names` order.
+
+  Integer ids stay exact in float32 below 2**24.
+  """
+  columns = [tf.reshape(tf.cast(features[name], tf.float32), [-1])
+             for name in names]
+  return {PACKED_KEY: tf.stack(columns, axis=1)}
+
+
 def sequential_model(config, columns):
+  names, dtypes = packed_features(config, columns.feature_spec)
   return tf.keras.Sequential(
-      [tf.keras.layers.DenseFeatures(columns.deep, name='deep_inputs'),
+      [tf.keras.Input(shape=(len(names),), name=PACKED_KEY),
+       PackedDenseFeatures(columns.deep, names, dtypes, name='deep_inputs'),
        CrossLayer(name='cross')] + _hidden_layers(config) +
       [_output_layer(config)], name='sequential_deep_cross')
 
@@ -138,16 +199,37 @@ def functional_model(config, columns):
                         name='functional_deep_cross')
 
 
+@tf.keras.utils.register_keras_serializable(package='estpipe')
 class DeepCrossModel(tf.keras.Model):
-  """The same network as a subclassed model."""
+  """The same network as a subclassed model.
 
-  def __init__(self, config, columns, **kwargs):
-    super().__init__(name='subclassed_deep_cross', **kwargs)
-    self.features_layer = tf.keras.layers.DenseFeatures(columns.deep,
-                                                        name='deep_inputs')
+  model_to_estimator rebuilds a subclassed model in the Estimator's graph
+  with `from_config(get_config())`, so the config carries everything,
+  feature columns included (through the DenseFeatures layer's config).
+  """
+
+  def __init__(self, features_layer, hidden_units, dropout, output_units,
+               output_activation, output_name, **kwargs):
+    super().__init__(**kwargs)
+    if isinstance(features_layer, dict):
+      features_layer = tf.keras.layers.deserialize(features_layer)
+    self.features_layer = features_layer
+    self.hidden_units = list(hidden_units)
+    self.dropout = dropout
+    self.output_units = output_units
+    self.output_activation = output_activation
+    self.output_name = output_name
     self.cross = CrossLayer(name='cross')
-    self.hidden = _hidden_layers(config)
-    self.out = _output_layer(config)
+    self.hidden = []
+    for i, units in enumerate(self.hidden_units):
+      self.hidden.append(tf.keras.layers.Dense(units, activation='relu',
+                                               name=f'hidden_{i}'))
+      if dropout:
+        self.hidden.append(tf.keras.layers.Dropout(dropout,
+                                                   name=f'dropout_{i}'))
+    self.out = tf.keras.layers.Dense(output_units,
+                                     activation=output_activation,
+                                     name=output_name)
 
   def call(self, features, training=None):
     net = self.cross(self.features_layer(features))
@@ -155,14 +237,37 @@ class DeepCrossModel(tf.keras.Model):
       net = layer(net, training=training)
     return self.out(net)
 
+  def get_config(self):
+    return {'features_layer': tf.keras.layers.serialize(self.features_layer),
+            'hidden_units': self.hidden_units, 'dropout': self.dropout,
+            'output_units': self.output_units,
+            'output_activation': self.output_activation,
+            'output_name': self.output_name, 'name': self.name}
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    return cls(**config)
+
+
+def subclassed_model(config, columns):
+  units, activation, name = output_spec(config)
+  return DeepCrossModel(
+      tf.keras.layers.DenseFeatures(columns.deep, name='deep_inputs'),
+      config.model.hidden_units, config.model.dropout, units, activation,
+      name, name='subclassed_deep_cross')
+
+
+CUSTOM_OBJECTS = {'CrossLayer': CrossLayer,
+                  'PackedDenseFeatures': PackedDenseFeatures,
+                  'DeepCrossModel': DeepCrossModel}
+
 
 def compile_model(model, config):
   """Loss, metrics and optimizer for the label's task (legacy optimizers)."""
   from estimators import models  # pylint: disable=g-import-not-at-top
   task = config.label.task
-  optimizer = models.optimizer_fn(config.model.optimizer,
-                                  config.model.learning_rate,
-                                  config.train.learning_rate_schedule)()
+  optimizer = models.optimizer_for(config, config.model.optimizer,
+                                   config.model.learning_rate)()
   m = tf.keras.metrics
   if task == 'binary':
     loss = 'binary_crossentropy'

@@ -27,11 +27,11 @@ from pipeline.config import ConfigError
 CANNED = ('baseline', 'linear', 'dnn', 'wide_deep')
 
 _OPTIMIZERS = {
-    'adam': lambda lr: tf.keras.optimizers.legacy.Adam(learning_rate=lr),
-    'adagrad': lambda lr: tf.keras.optimizers.legacy.Adagrad(learning_rate=lr),
-    'ftrl': lambda lr: tf.keras.optimizers.legacy.Ftrl(learning_rate=lr),
-    'sgd': lambda lr: tf.keras.optimizers.legacy.SGD(learning_rate=lr),
-    'rmsprop': lambda lr: tf.keras.optimizers.legacy.RMSprop(learning_rate=lr),
+    'adam': tf.keras.optimizers.legacy.Adam,
+    'adagrad': tf.keras.optimizers.legacy.Adagrad,
+    'ftrl': tf.keras.optimizers.legacy.Ftrl,
+    'sgd': tf.keras.optimizers.legacy.SGD,
+    'rmsprop': tf.keras.optimizers.legacy.RMSprop,
 }
 
 SERVING_KEY = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
@@ -70,36 +70,70 @@ def learning_rate(base, schedule):
       [float(v) * base for v in schedule['values']])
 
 
-def optimizer_fn(name, base_rate, schedule):
+def optimizer_fn(name, base_rate, schedule, dense_gradients=False):
   """A callable that builds the optimizer inside the Estimator's graph.
 
   Estimators need the legacy (OptimizerV2) Keras optimizers; building one per
-  graph keeps its variables in the graph that uses them.
+  graph keeps its variables in the graph that uses them. `dense_gradients`:
+  see _with_dense_gradients.
   """
+  cls = _OPTIMIZERS[name]
+  if dense_gradients:
+    cls = _with_dense_gradients(cls)
+
   def make():
-    return _OPTIMIZERS[name](learning_rate(base_rate, schedule))
+    return cls(learning_rate=learning_rate(base_rate, schedule))
   return make
+
+
+def optimizer_for(config, name, base_rate):
+  """optimizer_fn with the config's schedule and distribution."""
+  return optimizer_fn(
+      name, base_rate, config.train.learning_rate_schedule,
+      dense_gradients=config.train.distribution == 'multi_worker_mirrored')
+
+
+def _with_dense_gradients(cls):
+  """`cls` whose gradients are dense tensors, never IndexedSlices.
+
+  Under MultiWorkerMirroredStrategy in graph mode the all-reduce of sparse
+  gradients (embeddings, linear weights of sparse columns) fails with a
+  collective shape mismatch: each worker's batch touches a different number
+  of rows. Dense gradients have the same shape everywhere.
+  """
+  class DenseGradients(cls):
+
+    def get_gradients(self, loss, params):
+      grads = super().get_gradients(loss, params)
+      return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices)
+              else g for g in grads]
+
+  DenseGradients.__name__ = f'DenseGradients{cls.__name__}'
+  return DenseGradients
 
 
 # --- building the Estimator ---------------------------------------------------
 
-def build(config, columns, run_config, warm_start_from=None):
-  """The Estimator for `config.model`, in run_config.model_dir."""
+def build(config, columns, run_config):
+  """The Estimator for `config.model`, in run_config.model_dir.
+
+  Warm starts are not set here: hooks.with_progress wraps every Estimator
+  and applies train.warm_start_from to all kinds alike.
+  """
   kind = config.model.type
   if kind in CANNED:
-    return _canned(config, columns, run_config, warm_start_from)
+    return _canned(config, columns, run_config)
   if kind == 'custom':
-    return _custom(config, columns, run_config, warm_start_from)
+    return _custom(config, columns, run_config)
   return _keras(config, columns, run_config)
 
 
-def _canned(config, columns, run_config, warm_start_from):
+def _canned(config, columns, run_config):
   model, task = config.model, config.label.task
-  schedule = config.train.learning_rate_schedule
-  deep_opt = optimizer_fn(model.optimizer, model.learning_rate, schedule)
-  linear_opt = optimizer_fn(model.linear_optimizer, model.linear_learning_rate,
-                            schedule)
-  common = {'config': run_config, 'warm_start_from': warm_start_from}
+  deep_opt = optimizer_for(config, model.optimizer, model.learning_rate)
+  linear_opt = optimizer_for(config, model.linear_optimizer,
+                             model.linear_learning_rate)
+  common = {'config': run_config}
   if task == 'regression':
     common['label_dimension'] = 1
   else:
@@ -125,7 +159,7 @@ def _canned(config, columns, run_config, warm_start_from):
              **common)
 
 
-def _custom(config, columns, run_config, warm_start_from):
+def _custom(config, columns, run_config):
   if config.model.module:
     user_fn = load_user_function(config, 'model_fn')
     # The user's model_fn gets what it needs to build on ours: the pipeline
@@ -133,14 +167,12 @@ def _custom(config, columns, run_config, warm_start_from):
     params = {'pipeline_config': config, 'wide_columns': columns.wide,
               'deep_columns': columns.deep}
     return tf.estimator.Estimator(model_fn=user_fn, config=run_config,
-                                  params=params,
-                                  warm_start_from=warm_start_from)
+                                  params=params)
 
   def model_fn(features, labels, mode):
     return custom_model_fn(features, labels, mode, config, columns)
 
-  return tf.estimator.Estimator(model_fn=model_fn, config=run_config,
-                                warm_start_from=warm_start_from)
+  return tf.estimator.Estimator(model_fn=model_fn, config=run_config)
 
 
 def _keras(config, columns, run_config):
@@ -167,6 +199,20 @@ def _keras(config, columns, run_config):
       checkpoint_format='saver' if subclassed else 'checkpoint')
 
 
+def feature_transform(config, columns):
+  """What the Estimator's model_fn does to features before the model, or None.
+
+  The built-in Sequential Keras model reads one packed tensor (see
+  keras_models.PackedDenseFeatures); packing inside the model_fn keeps
+  training, evaluation and exported SavedModels on the same input.
+  """
+  if (config.model.type == 'keras' and not config.model.module and
+      config.model.keras_style == 'sequential'):
+    names, _ = keras_models.packed_features(config, columns.feature_spec)
+    return lambda features: keras_models.pack_features(features, names)
+  return None
+
+
 # --- the project's own model_fn -------------------------------------------------
 
 def custom_model_fn(features, labels, mode, config, columns):
@@ -179,7 +225,6 @@ def custom_model_fn(features, labels, mode, config, columns):
   training = mode == tf.estimator.ModeKeys.TRAIN
   net = tf.keras.layers.DenseFeatures(columns.deep, name='deep_inputs')(
       features)
-  net = keras_models.CrossLayer(name='cross')(net)
   for i, units in enumerate(model.hidden_units):
     net = tf.keras.layers.Dense(units, activation='relu',
                                 name=f'hidden_{i}')(net)
@@ -188,8 +233,7 @@ def custom_model_fn(features, labels, mode, config, columns):
   n_logits = 1 if config.label.task in ('binary', 'regression') else (
       config.label.n_classes)
   logits = tf.keras.layers.Dense(n_logits, name='logits')(net)
-  optimizer = optimizer_fn(model.optimizer, model.learning_rate,
-                           config.train.learning_rate_schedule)
+  optimizer = optimizer_for(config, model.optimizer, model.learning_rate)
   return estimator_spec(config, mode, logits, labels, optimizer)
 
 

@@ -13,6 +13,7 @@ categorical features (slices).
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -50,16 +51,25 @@ def build_estimator(config, run_config=None, tft_output=None,
                                                        distribute=False)
   columns = features_lib.build_feature_columns(config, tft_output)
   warm = warm_start_settings(config) if warm_start else None
-  estimator = models.build(config, columns, run_config, warm)
+  estimator = models.build(config, columns, run_config)
   extra = None
   if config.model.type in models.CANNED and (
       config.label.task == 'regression'):
     extra = hooks.regression_metrics
-  return hooks.with_progress(estimator, config, warm, extra)
+  return hooks.with_progress(estimator, config, warm, extra,
+                             models.feature_transform(config, columns))
 
 
 def warm_start_settings(config):
-  """WarmStartSettings from train.warm_start_from (a run dir or model dir)."""
+  """WarmStartSettings from train.warm_start_from (a run dir or model dir).
+
+  Every variable the source checkpoint shares with this model is copied:
+  weights and optimizer state (FTRL and Adam weights without their
+  accumulators take a large first step away from where they were), but not
+  the global step or optimizer step counters, so training and learning-rate
+  schedules start fresh. Vocabularies are not remapped: warm-start from a run
+  preprocessed with the same vocabularies.
+  """
   source = config.train.warm_start_from
   if not source:
     return None
@@ -71,7 +81,16 @@ def warm_start_settings(config):
   if os.path.abspath(source) == os.path.abspath(config.model_dir):
     raise UserError('train.warm_start_from is this run\'s own model '
                     'directory: re-running train resumes it anyway')
-  return tf.estimator.WarmStartSettings(ckpt_to_initialize_from=checkpoint)
+  names = [name for name, _ in tf.train.list_variables(checkpoint)
+           if not _STEP_COUNTER.search(name)]
+  # A list of names selects among all global variables (slots included),
+  # each as a regular expression matched against the variable's name.
+  patterns = [re.escape(name) + r'(/part_\d+)?:\d+$' for name in names]
+  return tf.estimator.WarmStartSettings(ckpt_to_initialize_from=checkpoint,
+                                        vars_to_warm_start=patterns)
+
+
+_STEP_COUNTER = re.compile(r'(^global_step$|(^|/)iter(ations)?$)')
 
 
 def train_steps(config):
@@ -112,7 +131,7 @@ def train(config):
   # Device setup and strategies come before any TensorFlow op runs.
   runconfig.configure_local_devices(config)
   run_config = runconfig.make_run_config(config)
-  task = run_config.task_type if run_config.cluster_spec else None
+  task = runconfig.task_type()
   tft_output = load_tft_output(config)
   max_steps = train_steps(config)
   estimator = build_estimator(config, run_config, tft_output)
@@ -129,9 +148,7 @@ def train(config):
       eval_input, steps=config.train.eval_steps, exporters=exporters(config),
       start_delay_secs=config.train.eval_start_delay_secs,
       throttle_secs=config.train.eval_throttle_secs)
-  log.info('training %s (%s) to step %d in %s%s', config.model.type,
-           config.label.task, max_steps, config.model_dir,
-           f' as {task}' if task else '')
+  _log_role(config, task, max_steps)
   result = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
   if task not in (None, 'chief'):
     return None
@@ -142,6 +159,19 @@ def train(config):
     metrics = estimator.evaluate(eval_input, steps=config.train.eval_steps,
                                  name='final')
   return write_metrics(config, metrics, estimator.latest_checkpoint())
+
+
+def _log_role(config, task, max_steps):
+  what = f'{config.model.type} ({config.label.task}) in {config.model_dir}'
+  if task == 'ps':
+    log.info('ps task serving the variables of %s; it runs until stopped',
+             what)
+  elif task == 'evaluator':
+    log.info('evaluating and exporting each new checkpoint of %s until step '
+             '%d', what, max_steps)
+  else:
+    log.info('training %s to step %d%s', what, max_steps,
+             f' as {task}' if task else '')
 
 
 def write_metrics(config, metrics, checkpoint):

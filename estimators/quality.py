@@ -1,0 +1,87 @@
+"""Trains every model type on one preprocessed run and tabulates eval quality.
+
+  python -m estimators.quality examples/census.yaml [--set key=value ...]
+      [--types linear,wide_deep] [--output quality.json]
+
+Each model type trains with the config's `train:` settings in its own
+scratch run directory, RUN_DIR/quality/<type>, that links to RUN_DIR's
+transform and data (RUN_DIR must be preprocessed). Prints accuracy and AUC
+(RMSE and MAE for regression) per type.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+from pipeline.cli import UserError
+from pipeline.config import ConfigError, load_config
+
+ALL_TYPES = ('baseline', 'linear', 'dnn', 'wide_deep', 'custom',
+             'keras:sequential', 'keras:functional', 'keras:subclassed')
+
+
+def scratch_config(config, kind):
+  """`config` training `kind` (type or keras:style) in RUN_DIR/quality/."""
+  model_type, _, style = kind.partition(':')
+  derived = copy.deepcopy(config)
+  run_dir = config.path('quality', kind.replace(':', '-'))
+  shutil.rmtree(run_dir, ignore_errors=True)
+  os.makedirs(run_dir)
+  for item in ('transform', 'data', 'preprocess.json'):
+    os.symlink(os.path.abspath(config.path(item)),
+               os.path.join(run_dir, item))
+  derived.run_dir = run_dir
+  derived.model.type = model_type
+  if style:
+    derived.model.keras_style = style
+  derived.export.exporters = []
+  derived.validate(check_columns=False)
+  return derived
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('config')
+  parser.add_argument('--set', dest='overrides', action='append', default=[])
+  parser.add_argument('--types', default=','.join(ALL_TYPES))
+  parser.add_argument('--output')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s',
+                      datefmt='%H:%M:%S')
+  logging.getLogger('estpipe').setLevel(logging.INFO)
+  from estimators import train  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel('ERROR')
+  try:
+    config = load_config(args.config, args.overrides)
+    train.load_tft_output(config)  # fails early when not preprocessed
+    rows = {}
+    for kind in args.types.split(','):
+      start = time.time()
+      record = train.train(scratch_config(config, kind))
+      rows[kind] = dict(record['metrics'], seconds=round(time.time() - start))
+      tf.keras.backend.clear_session()
+  except (ConfigError, UserError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  keys = (('rmse', 'mae') if config.label.task == 'regression' else
+          ('accuracy', 'auc'))
+  print(f'{"model":18s} ' + ' '.join(f'{k:>9s}' for k in keys) +
+        '    steps  seconds')
+  for kind, metrics in rows.items():
+    print(f'{kind:18s} ' + ' '.join(f'{metrics[k]:9.4f}' for k in keys) +
+          f' {metrics["global_step"]:8d} {metrics["seconds"]:8d}')
+  if args.output:
+    with open(args.output, 'w') as f:
+      json.dump({'config': os.path.abspath(args.config),
+                 'overrides': args.overrides, 'results': rows}, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
