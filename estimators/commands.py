@@ -62,7 +62,7 @@ def _train(args):
     raise
   if record is None:
     return 0
-  runrecord.append_history(config.run_dir, 'train', 'ok', {
+  runrecord.append_history(config.run_dir, 'train', 'succeeded', {
       'global_step': record['global_step'],
       'model_type': record['model_type'],
       'metrics': _headline(record['metrics'])})
@@ -79,7 +79,7 @@ def _evaluate(args):
   result = train.evaluate(config, args.checkpoint, args.slices)
   output = args.output or config.path('evaluation.json')
   runrecord.write_json(os.path.abspath(output), result)
-  runrecord.append_history(config.run_dir, 'evaluate', 'ok', {
+  runrecord.append_history(config.run_dir, 'evaluate', 'succeeded', {
       'global_step': result['global_step'], 'output': output,
       'metrics': _headline(result['metrics'])})
   log.info('checkpoint %s (step %d): %s', result['checkpoint'],

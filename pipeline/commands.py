@@ -41,10 +41,16 @@ def _generate(args):
 
 def _run(args):
   from pipeline import cli  # pylint: disable=g-import-not-at-top
-  cli.config_from_args(args)  # fail on a bad config before any stage runs
   available = cli.build_parser()._subparsers._group_actions[0].choices  # pylint: disable=protected-access
   sets = [x for o in args.overrides for x in ('--set', o)]
+  config = cli.config_from_args(args)
+  before = _versions(config)
   for stage in RUN_STAGES:
+    if stage == 'export' and _versions(config) - before:
+      # The EvalSpec's exporters already wrote this training's model.
+      _log.info('=== export: done by the training exporters (%s)',
+                ', '.join(config.export.exporters))
+      continue
     if stage not in available:
       _log.warning('stage %s is not installed; stopping after the stages '
                    'before it', stage)
@@ -57,3 +63,8 @@ def _run(args):
     if code:
       return code
   return 0
+
+
+def _versions(config):
+  from serving import export  # pylint: disable=g-import-not-at-top
+  return set(export.list_versions(config.export_dir))

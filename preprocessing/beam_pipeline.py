@@ -74,13 +74,6 @@ class _ParseFile(beam.DoFn):
       self._counters[name] = Metrics.counter(_NAMESPACE, name)
     self._counters[name].inc(n)
 
-  def _records(self, path):
-    data = self._config.data
-    if data.format == 'tfrecord':
-      return self._parser.read_tfrecord(path)
-    names = None if data.header else list(data.columns)
-    return self._parser.read_csv(path, names)
-
   def process(self, path):
     batch_size = self._config.preprocessing.batch_size
     fraction = self._config.data.eval_fraction
@@ -88,7 +81,7 @@ class _ParseFile(beam.DoFn):
     counts = {s: 0 for s in SPLITS}
     rejected = 0
     unit = 'record' if self._config.data.format == 'tfrecord' else 'line'
-    for number, raw, result in self._records(path):
+    for number, raw, result in self._parser.read_file(path):
       split = self._split or ('eval' if rows_lib.is_eval_row(raw, fraction)
                               else 'train')
       if isinstance(result, rows_lib.Reject):
@@ -185,7 +178,7 @@ class _CountRows(beam.DoFn):
     yield element
 
 
-def _to_json(record):
+def to_json(record):
   return json.dumps(record, sort_keys=True)
 
 
@@ -215,7 +208,7 @@ class WriteRejects(beam.PTransform):
 
   def expand(self, rejects):
     return (rejects
-            | 'ToJson' >> beam.Map(_to_json)
+            | 'ToJson' >> beam.Map(to_json)
             | 'Write' >> beam.io.WriteToText(self._prefix,
                                              file_name_suffix='.jsonl'))
 
@@ -266,33 +259,38 @@ def pipeline_options(beam_args):
   return PipelineOptions(args)
 
 
+def runner_name(options):
+  return options.view_as(StandardOptions).runner or 'DirectRunner'
+
+
 def run_job(config, out_dir, beam_args=()):
   """Runs the job; returns the summary (counts, time, runner)."""
   options = pipeline_options(beam_args)
-  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
+  runner = runner_name(options)
   start = time.time()
   pipeline = beam.Pipeline(options=options)
   with tft_beam.Context(temp_dir=os.path.join(out_dir, 'tmp')):
     build(pipeline, config, out_dir, start)
     result = pipeline.run()
     result.wait_until_finish()
-  counters = _counters(result)
+  counts = counters(result)
   summary = {'runner': runner,
              'wall_seconds': round(time.time() - start, 2),
              'splits': {}}
   for split in SPLITS:
     summary['splits'][split] = {
-        'read': counters.get(f'{split}_read', 0) +
-                counters.get(f'{split}_rejected', 0),
-        'written': counters.get(f'{split}_written', 0),
-        'rejected': counters.get(f'{split}_rejected', 0)}
+        'read': counts.get(f'{split}_read', 0) +
+                counts.get(f'{split}_rejected', 0),
+        'written': counts.get(f'{split}_written', 0),
+        'rejected': counts.get(f'{split}_rejected', 0)}
   return summary
 
 
-def _counters(result):
+def counters(result, namespace=_NAMESPACE):
+  """A finished job's counters in `namespace`, summed over steps."""
   found = {}
   for counter in result.metrics().query(
-      MetricsFilter().with_namespace(_NAMESPACE))['counters']:
+      MetricsFilter().with_namespace(namespace))['counters']:
     name = counter.key.metric.name
     found[name] = found.get(name, 0) + (counter.committed or
                                         counter.attempted or 0)

@@ -135,6 +135,17 @@ class RowParser:
                    f'declared values {list(self.label_index)}',
                    self.label_name)
 
+  def read_file(self, path, data_format=None):
+    """Yields (number, raw, values-or-Reject) for one raw file.
+
+    `data_format` defaults to the config's; CSV files without a header take
+    the config's column names.
+    """
+    data = self.config.data
+    if (data_format or data.format) == 'tfrecord':
+      return self.read_tfrecord(path)
+    return self.read_csv(path, None if data.header else list(data.columns))
+
   # --- CSV ----------------------------------------------------------------
 
   def csv_header_positions(self, names):

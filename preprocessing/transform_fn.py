@@ -27,6 +27,9 @@ def build_preprocessing_fn(config):
         ids = _dense(_vocabulary(x, feature), 0)
         outputs[feature.name] = _annotate_ids(ids, feature)
         continue
+      if _statistics_on_present_values(feature, x):
+        outputs[feature.name] = _scale_with_present_statistics(feature, x)
+        continue
       outputs.update(transform_feature(feature, fill_missing(x, feature)))
     outputs[config.label.name] = _dense(inputs[config.label.name], 0)
     return outputs
@@ -62,6 +65,31 @@ def _mode_is_first_id(feature):
   # as filling before it, without a second analyzer pass.
   return (feature.transform == 'vocabulary' and
           feature.default == 'most_frequent')
+
+
+def _statistics_on_present_values(feature, x):
+  # A computed default (mean, mode) is an analyzer result; a scaling or
+  # bucketizing analyzer over the *filled* values would need it first, and
+  # tf.Transform would then make a second pass over the whole training split
+  # (held in memory by the runner). Computing the transform's statistics on
+  # the values that are present keeps the analysis to one pass.
+  return (isinstance(x, tf.SparseTensor) and
+          feature.default in ('mean', 'most_frequent') and
+          feature.transform in ('z_score', 'scale_0_1', 'bucketize'))
+
+
+def _scale_with_present_statistics(feature, x):
+  values = tf.cast(x.values, tf.float32)
+  filled = tf.cast(fill_missing(x, feature), tf.float32)
+  if feature.transform == 'z_score':
+    mean, var = tft.mean(values), tft.var(values)
+    return tf.math.divide_no_nan(filled - mean, tf.sqrt(var))
+  if feature.transform == 'scale_0_1':
+    low, high = tft.min(values), tft.max(values)
+    return tf.math.divide_no_nan(filled - low, high - low)
+  boundaries = tft.quantiles(values, feature.buckets,
+                             min(1.0 / feature.buckets, 0.01))
+  return tft.apply_buckets(filled, boundaries)
 
 
 def _dense(x, default):

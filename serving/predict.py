@@ -25,9 +25,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from preprocessing import beam_pipeline
 from preprocessing import rows as rows_lib
 from serving import raw_examples
 
@@ -81,9 +80,7 @@ class _ParseRaw(beam.DoFn):
 
   def process(self, path):
     unit = 'record' if self._format == 'tfrecord' else 'line'
-    header = raw_examples.csv_header_names(self._config)
-    for number, raw, result in raw_examples.read_rows(
-        self._parser, path, self._format, header):
+    for number, raw, result in self._parser.read_file(path, self._format):
       self._read.inc()
       if isinstance(result, rows_lib.Reject):
         self._rejected.inc()
@@ -154,10 +151,6 @@ def _identity(element):
   return element
 
 
-def _to_json(record):
-  return json.dumps(record, sort_keys=True)
-
-
 def inference_spec(export_path, signature):
   from tfx_bsl.public.proto import model_spec_pb2  # pylint: disable=g-import-not-at-top
   return model_spec_pb2.InferenceSpecType(
@@ -187,19 +180,9 @@ def build(pipeline, config, export_path, files, data_format, output_format,
        | 'WritePredictions' >> beam.io.WriteToText(
            output, shard_name_template='', header=header))
   _ = (parsed.rejects
-       | 'RejectsToJson' >> beam.Map(_to_json)
+       | 'RejectsToJson' >> beam.Map(beam_pipeline.to_json)
        | 'WriteRejects' >> beam.io.WriteToText(rejects,
                                                 shard_name_template=''))
-
-
-def _counters(result):
-  found = {}
-  for counter in result.metrics().query(
-      MetricsFilter().with_namespace(_NAMESPACE))['counters']:
-    name = counter.key.metric.name
-    found[name] = found.get(name, 0) + (counter.committed or
-                                        counter.attempted or 0)
-  return found
 
 
 def rejects_path(output):
@@ -214,7 +197,6 @@ def predict(config, export_path, input_pattern, output, data_format=None,
   both appear only when the job succeeded and the rejects stay within
   preprocessing.max_reject_fraction.
   """
-  from preprocessing import beam_pipeline  # pylint: disable=g-import-not-at-top
   data_format = data_format or config.data.format
   output_format = output_format or (
       'csv' if output.endswith('.csv') else 'jsonl')
@@ -222,7 +204,7 @@ def predict(config, export_path, input_pattern, output, data_format=None,
   tag = uuid.uuid4().hex[:8]
   staged = f'{output}.tmp-{tag}'
   staged_rejects = f'{rejects_path(output)}.tmp-{tag}'
-  options = PipelineOptions(list(beam_args))
+  options = beam_pipeline.pipeline_options(beam_args)
   start = time.time()
   pipeline = beam.Pipeline(options=options)
   build(pipeline, config, export_path, files, data_format, output_format,
@@ -230,7 +212,7 @@ def predict(config, export_path, input_pattern, output, data_format=None,
   try:
     result = pipeline.run()
     result.wait_until_finish()
-    counters = _counters(result)
+    counters = beam_pipeline.counters(result, _NAMESPACE)
     summary = {
         'export': export_path, 'input_files': len(files),
         'read': counters.get('read', 0),
@@ -238,7 +220,7 @@ def predict(config, export_path, input_pattern, output, data_format=None,
         'written': counters.get('written', 0),
         'output': output, 'rejects': rejects_path(output),
         'wall_seconds': round(time.time() - start, 2),
-        'runner': options.get_all_options()['runner'] or 'DirectRunner'}
+        'runner': beam_pipeline.runner_name(options)}
     # Rejects are published either way, so the user can see why.
     FileSystems.rename([staged_rejects], [rejects_path(output)])
     _check_rejects(config, summary)

@@ -63,18 +63,6 @@ def raw_tensors(parser, instances):
   return tensors
 
 
-def read_rows(parser, path, data_format, header_names=None):
-  """Yields (number, raw, values-or-Reject) for one raw file."""
-  if data_format == 'tfrecord':
-    return parser.read_tfrecord(path)
-  return parser.read_csv(path, header_names)
-
-
-def csv_header_names(config):
-  """Column names for headerless CSV, None when files carry a header."""
-  return None if config.data.header else list(config.data.columns)
-
-
 def eval_rows(config, parser, limit=None):
   """The raw eval split, row by row: (location, raw, values-or-Reject).
 
@@ -89,8 +77,7 @@ def eval_rows(config, parser, limit=None):
       patterns, 'data.train' if split_by_hash else 'data.eval')
   count = 0
   for path in files:
-    for number, raw, result in read_rows(parser, path, data.format,
-                                         csv_header_names(config)):
+    for number, raw, result in parser.read_file(path):
       if split_by_hash and not rows_lib.is_eval_row(raw, data.eval_fraction):
         continue
       yield f'{path}:{number}', raw, result

@@ -51,8 +51,7 @@ def census_eval_rows(config, limit=None):
   from serving import raw_examples  # pylint: disable=g-import-not-at-top
   parser = raw_examples.row_parser(config)
   found = []
-  for number, _, values in parser.read_csv(
-      config.data.eval_patterns[0], raw_examples.csv_header_names(config)):
+  for number, _, values in parser.read_file(config.data.eval_patterns[0]):
     if not isinstance(values, rows_lib.Reject):
       found.append((number, values))
     if limit and len(found) >= limit:

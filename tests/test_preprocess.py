@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -249,39 +250,48 @@ def test_corrupted_census_rejects(census_data, tmp_path):
   assert len(read_transformed(config, 'train')['age']) == 32561
 
 
-def test_too_many_rejects_fails_and_keeps_previous_run(census_data, tmp_path):
+def test_too_many_rejects_fails_and_keeps_previous_run(census_run,
+                                                         census_data,
+                                                         tmp_path):
+  # An earlier complete run (a copy of the session's Census run).
   run_dir = tmp_path / 'run'
+  shutil.copytree(census_run.run_dir, run_dir)
+  before = sorted(glob.glob(str(run_dir / 'data' / '*')))
+  before_bytes = [open(p, 'rb').read() for p in before]
   train = str(tmp_path / 'train.csv')
   _write_corrupted(census_data['train'], train, 37)
-  config = example_config('census', run_dir, f'data.train={train}',
-                          'preprocessing.max_reject_fraction=0.2')
-  run_lib.preprocess(config)
-  before = sorted(glob.glob(config.data_pattern('train')))
-  before_bytes = [open(p, 'rb').read() for p in before]
   strict = example_config('census', run_dir, f'data.train={train}',
                           'preprocessing.max_reject_fraction=0.0005')
   with pytest.raises(run_lib.TooManyRejects) as e:
     run_lib.preprocess(strict)
   assert str(run_dir / 'rejects') in str(e.value)
-  assert '37 of' in str(e.value)
+  assert '37 of 48876 rows rejected' in str(e.value)
   assert len(run_lib.read_rejects(strict)) == 37
   # The earlier complete run is untouched, and still marked complete.
   assert run_lib.is_complete(strict)
+  assert sorted(glob.glob(str(run_dir / 'data' / '*'))) == before
   assert [open(p, 'rb').read() for p in before] == before_bytes
-  assert not glob.glob(str(run_dir / '.staging' / '*'))
+  assert not os.path.exists(run_dir / '.staging')
 
 
-def test_failed_first_run_publishes_nothing_but_rejects(census_data,
+def test_failed_first_run_publishes_nothing_but_rejects(synthetic_csv,
                                                          tmp_path):
-  train = str(tmp_path / 'train.csv')
-  _write_corrupted(census_data['train'], train, 37)
-  config = example_config('census', tmp_path / 'run', f'data.train={train}',
+  (src,) = glob.glob(f'{synthetic_csv}/data-*.csv')
+  train = tmp_path / 'train.csv'
+  text = open(src).read()
+  train.write_text(text + '17,40.0,0,private\n' + 'x,1,2,3,4,5,6,7,yes\n')
+  config = example_config('synthetic', tmp_path / 'run',
+                          f'data.train={train}',
                           'preprocessing.max_reject_fraction=0.0')
-  with pytest.raises(run_lib.TooManyRejects):
+  with pytest.raises(run_lib.TooManyRejects) as e:
     run_lib.preprocess(config)
+  assert '2 of 5002 rows rejected' in str(e.value)
   assert not run_lib.is_complete(config)
   assert not os.path.exists(config.path('data'))
   assert not os.path.exists(config.transform_dir)
-  assert len(run_lib.read_rejects(config)) == 37
+  rejects = sorted(run_lib.read_rejects(config), key=lambda r: r['line'])
+  assert [r['line'] for r in rejects] == [5002, 5003]
+  assert rejects[0]['reason'] == 'expected 9 columns, got 4'
+  assert rejects[1]['reason'] == "field 'age': expected an integer, got 'x'"
   history = [json.loads(l) for l in open(config.path('history.jsonl'))]
   assert [h['status'] for h in history] == ['started', 'failed']

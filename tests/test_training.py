@@ -190,7 +190,7 @@ def test_wide_deep_cli_trains_logs_progress_and_events(wide_deep_run,
                                        'events.out.*'))
   history = [line for line in open(config.path('history.jsonl'))
              if '"train"' in line]
-  assert history and '"ok"' in history[-1]
+  assert history and '"succeeded"' in history[-1]
 
 
 def test_baseline_learns_the_prior(census_run, census_majority, tmp_path):
