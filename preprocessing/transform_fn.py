@@ -189,13 +189,67 @@ def _text(x, feature):
     terms = tft.bag_of_words(_tokens(x, 1), (1, feature.ngrams),
                              separator=' ')
     return {name: _vocabulary(terms, feature)}
-  ids = _vocabulary(_tokens(x, feature.ngrams), feature)
-  # tft.tfidf needs a static upper bound on the ids; the real vocabulary
-  # size is only known after analysis, so bound it by top_k.
-  size_bound = (feature.top_k or 20000) + feature.oov_buckets
-  index, weights = tft.tfidf(ids, size_bound)
+  index, weights = _tfidf(x, feature)
   _annotate_ids(index.values, feature)
   return {name: index, f'{name}_weights': weights}
+
+
+# Document frequencies are looked up by term; ' ' (the n-gram separator)
+# would split a line of the frequency file, so keys use another character.
+_DF_SPACE = '\u2423'
+
+
+def _tfidf(x, feature):
+  """Term ids and tf-idf weights, with a single analysis pass.
+
+  tft.tfidf counts document frequencies of vocabulary *ids*: an analyzer
+  over another analyzer's output, which costs a second pass over the
+  training split (held in memory by the runner meanwhile). Here document
+  frequencies are counted over the terms themselves, in the same pass as
+  the vocabulary. Weights follow tft.tfidf's smooth formula:
+  tf = count / terms in the document, idf = log((1 + N) / (1 + df)) + 1.
+  """
+  terms = _tokens(x, feature.ngrams)
+  ids = _vocabulary(terms, feature)
+  docs = tft.size(tf.ones_like(x, dtype=tf.int64))
+  unique_terms = tft.bag_of_words(_tokens(x, 1), (1, feature.ngrams),
+                                  separator=' ')
+  df_path = tft.vocabulary(_df_key(unique_terms.values), store_frequency=True,
+                           vocab_filename=f'{feature.name}__df')
+  df_table = tf.lookup.StaticHashTable(
+      tf.lookup.TextFileInitializer(df_path, tf.string, 1, tf.int64, 0,
+                                    delimiter=' '),
+      default_value=0)
+  df = df_table.lookup(_df_key(terms.values))
+
+  # One entry per distinct (document, id): its count and document frequency.
+  rows = terms.indices[:, 0]
+  width = tf.reduce_max(tf.concat([ids.values, [0]], 0)) + 1
+  keys = rows * width + ids.values
+  unique_keys, position, counts = tf.unique_with_counts(keys)
+  order = tf.argsort(unique_keys)
+  unique_keys = tf.gather(unique_keys, order)
+  counts = tf.gather(counts, order)
+  term_df = tf.gather(tf.math.unsorted_segment_max(
+      df, position, tf.size(unique_keys)), order)
+  doc_rows = unique_keys // width
+  doc_ids = unique_keys % width
+  doc_length = tf.gather(tf.math.bincount(
+      tf.cast(rows, tf.int32), minlength=tf.shape(x)[0], dtype=tf.int64),
+                         doc_rows)
+  term_frequency = tf.cast(counts, tf.float32) / tf.cast(doc_length,
+                                                         tf.float32)
+  idf = tf.math.log((1.0 + tf.cast(docs, tf.float32)) /
+                    (1.0 + tf.cast(term_df, tf.float32))) + 1.0
+  index = tf.RaggedTensor.from_value_rowids(
+      doc_ids, doc_rows, nrows=tf.cast(tf.shape(x)[0], tf.int64)).to_sparse()
+  weights = tf.SparseTensor(index.indices, term_frequency * idf,
+                            index.dense_shape)
+  return index, weights
+
+
+def _df_key(terms):
+  return tf.strings.regex_replace(terms, ' ', _DF_SPACE)
 
 
 def _annotate_ids(ids, feature):

@@ -230,3 +230,30 @@ def test_gzip_csv_input(synthetic_run, synthetic_csv, tmp_path):
   config = example_config('synthetic', tmp_path / 'run', f'data.train={dst}')
   run_lib.preprocess(config)
   assert _records(config) == _records(synthetic_run)
+
+
+def test_most_frequent_default_outside_a_vocabulary(synthetic_csv, tmp_path):
+  """A hashed feature's missing values get the hash of the mode."""
+  import collections as col  # pylint: disable=g-import-not-at-top
+  from tests.test_preprocess import raw_examples, transform_in_tf  # pylint: disable=g-import-not-at-top
+  config = example_config('synthetic', tmp_path / 'run',
+                          f'data.train={synthetic_csv}/data-*.csv',
+                          'features.occupation.transform=hash',
+                          'features.occupation.buckets=1000')
+  run_lib.preprocess(config)
+  (path,) = glob.glob(f'{synthetic_csv}/data-*.csv')
+  rows, examples = raw_examples(config, path, header=True)
+  out = transform_in_tf(config, examples)
+  from preprocessing.rows import is_eval_row  # pylint: disable=g-import-not-at-top
+  lines = open(path).read().splitlines()[1:]
+  assert len(lines) == len(rows)
+  # The mode of the training split (the eval rows are not analyzed).
+  train = [r['occupation'] for r, line in zip(rows, lines)
+           if r['occupation'] and not is_eval_row(line, 0.2)]
+  counts = col.Counter(train).most_common(2)
+  assert counts[0][1] > counts[1][1]  # a clear mode
+  mode = counts[0][0]
+  expected = tf.strings.to_hash_bucket_fast([mode], 1000).numpy()[0]
+  missing = [i for i, r in enumerate(rows) if not r['occupation']]
+  assert len(missing) > 100
+  assert {out['occupation'][i] for i in missing} == {expected}
