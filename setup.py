@@ -36,5 +36,5 @@ setuptools.setup(
                  'serving.*']),
     install_requires=REQUIRED,
     extras_require={'test': TEST},
-    entry_points={'console_scripts': ['estpipe=pipeline.cli:main']},
+    entry_points={'console_scripts': ['estpipe=pipeline.cli:run']},
 )

@@ -94,5 +94,27 @@ def _setup_logging(verbose):
   logging.getLogger('estpipe').setLevel(logging.INFO)
 
 
+def run():
+  """The console entry point.
+
+  Exits without tearing the interpreter down: Beam's loopback workers and
+  TensorFlow leave gRPC threads running, and finalizing under them can abort
+  the process (SIGABRT) after a job that succeeded.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  try:
+    code = main()
+  except SystemExit as e:  # argparse's usage errors, --help
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    code = 1
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

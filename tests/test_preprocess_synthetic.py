@@ -189,6 +189,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _wait_for_port(port, process, seconds=120):
+  import socket  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + seconds
+  while time.time() < deadline:
+    assert process.poll() is None, 'the job service exited'
+    with socket.socket() as s:
+      if s.connect_ex(('127.0.0.1', port)) == 0:
+        return
+    time.sleep(0.2)
+  raise AssertionError(f'the job service did not listen on {port}')
+
+
 @pytest.mark.slow
 def test_portable_runner_job_submission(synthetic_run, synthetic_csv,
                                         tmp_path):
@@ -200,6 +212,7 @@ def test_portable_runner_job_submission(synthetic_run, synthetic_csv,
        '--port', str(port)],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
+    _wait_for_port(port, service)
     run_dir = tmp_path / 'portable'
     proc = subprocess.run(
         [sys.executable, '-m', 'pipeline.cli', 'preprocess',
