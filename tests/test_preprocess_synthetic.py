@@ -34,6 +34,14 @@ def _asset_digests(config):
           .hexdigest() for name in sorted(os.listdir(assets))}
 
 
+def _preprocess_command(run_dir, synthetic_csv, *beam_flags):
+  """`estpipe preprocess` of the synthetic example, as a subprocess argv."""
+  return [sys.executable, '-m', 'pipeline.cli', 'preprocess',
+          os.path.join(ROOT, 'examples', 'synthetic.yaml'),
+          '--set', f'run_dir={run_dir}',
+          '--set', f'data.train={synthetic_csv}/data-*.csv', *beam_flags]
+
+
 def test_generate_data_is_deterministic(tmp_path):
   a = synthetic.write_csv(str(tmp_path / 'a'), 3000, seed=1, shards=2)
   b = synthetic.write_csv(str(tmp_path / 'b'), 3000, seed=1, shards=2)
@@ -70,11 +78,9 @@ def test_multiprocessing_runner_gives_the_same_records(synthetic_run,
   """Workers in other processes import everything from the packages."""
   run_dir = tmp_path / 'mp'
   proc = subprocess.run(
-      [sys.executable, '-m', 'pipeline.cli', 'preprocess',
-       os.path.join(ROOT, 'examples', 'synthetic.yaml'),
-       '--set', f'run_dir={run_dir}',
-       '--set', f'data.train={synthetic_csv}/data-*.csv',
-       '--direct_running_mode=multi_processing', '--direct_num_workers=2'],
+      _preprocess_command(run_dir, synthetic_csv,
+                          '--direct_running_mode=multi_processing',
+                          '--direct_num_workers=2'),
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   config = example_config('synthetic', run_dir,
@@ -127,11 +133,8 @@ def test_tfrecord_input_with_rejects(synthetic_csv, tmp_path):
 def test_killed_run_leaves_nothing_a_later_stage_would_use(synthetic_csv,
                                                            tmp_path):
   run_dir = tmp_path / 'run'
-  args = [sys.executable, '-m', 'pipeline.cli', 'preprocess',
-          os.path.join(ROOT, 'examples', 'synthetic.yaml'),
-          '--set', f'run_dir={run_dir}',
-          '--set', f'data.train={synthetic_csv}/data-*.csv']
-  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_preprocess_command(run_dir, synthetic_csv),
+                          cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
   while not glob.glob(str(run_dir / '.staging' / '*' / 'tmp')):
@@ -215,12 +218,9 @@ def test_portable_runner_job_submission(synthetic_run, synthetic_csv,
     _wait_for_port(port, service)
     run_dir = tmp_path / 'portable'
     proc = subprocess.run(
-        [sys.executable, '-m', 'pipeline.cli', 'preprocess',
-         os.path.join(ROOT, 'examples', 'synthetic.yaml'),
-         '--set', f'run_dir={run_dir}',
-         '--set', f'data.train={synthetic_csv}/data-*.csv',
-         '--runner=PortableRunner', f'--job_endpoint=localhost:{port}',
-         '--environment_type=LOOPBACK'],
+        _preprocess_command(run_dir, synthetic_csv, '--runner=PortableRunner',
+                            f'--job_endpoint=localhost:{port}',
+                            '--environment_type=LOOPBACK'),
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
   finally:
