@@ -16,7 +16,6 @@ this is the throughput `estpipe train` gets.
 """
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from estimators import features as features_lib  # pylint: disable=g-import-not-
 from estimators import inputs  # pylint: disable=g-import-not-at-top
 from estimators import keras_models  # pylint: disable=g-import-not-at-top
 from estimators import models  # pylint: disable=g-import-not-at-top
+from estimators import quality  # pylint: disable=g-import-not-at-top
 from estimators import train as train_lib  # pylint: disable=g-import-not-at-top
 from pipeline.config import load_config  # pylint: disable=g-import-not-at-top
 
@@ -73,15 +73,8 @@ class _BatchTimer(tf.keras.callbacks.Callback):
 
 def _run_copy(config, model_type, work):
   """The config training `model_type` in a scratch run dir over the data."""
-  config = copy.deepcopy(config)
-  run_dir = os.path.join(work, model_type)
-  os.makedirs(run_dir)
-  for item in ('transform', 'data', 'preprocess.json'):
-    os.symlink(os.path.abspath(config.path(item)),
-               os.path.join(run_dir, item))
-  config.run_dir = run_dir
-  config.model.type = model_type
-  config.export.exporters = []
+  config = quality.scratch_run(config, os.path.join(work, model_type),
+                               model_type)
   config.train.warm_start_from = None
   config.train.save_checkpoints_steps = 10 ** 9  # only the final one
   return config

@@ -108,6 +108,8 @@ def with_progress(estimator, config, warm_start_from=None, extra_metrics=None,
     if transform_features is not None:
       features = transform_features(features)
     spec = inner(features, labels, mode, config)
+    if mode == tf.estimator.ModeKeys.TRAIN and warm_start_from is not None:
+      warm_start_object_checkpoint(spec, warm_start_from)
     if mode == tf.estimator.ModeKeys.TRAIN:
       hook = ProgressHook(spec.loss, every, batch_size, eval_dir)
       spec = spec._replace(training_hooks=list(spec.training_hooks) + [hook])
@@ -122,6 +124,44 @@ def with_progress(estimator, config, warm_start_from=None, extra_metrics=None,
                                 model_dir=estimator.model_dir,
                                 config=estimator.config,
                                 warm_start_from=warm)
+
+
+# Keys of an object-based checkpoint end so; the step counters are skipped.
+_VALUE_SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
+_OBJECT_STEP_COUNTERS = ('estimator_global_step', 'optimizer/iter')
+
+
+def warm_start_object_checkpoint(spec, settings):
+  """Warm-starts a Keras Estimator whose checkpoints are object-based.
+
+  model_to_estimator's default checkpoints key variables by their path in
+  the Keras object graph ('layer_with_weights-0/kernel/.ATTRIBUTES/...'), not
+  by graph name, so WarmStartSettings' name matching finds nothing. The
+  model_fn's saver knows both: each key it saves is initialized from the
+  same key of the source checkpoint. Initializers only run when the model
+  directory has no checkpoint yet, so resuming is unaffected.
+  """
+  saver = spec.scaffold.saver if spec.scaffold else None
+  saveables = getattr(saver, '_var_list', None)
+  if not isinstance(saveables, list):
+    return  # name-based checkpoints: WarmStartSettings handles them
+  source = settings.ckpt_to_initialize_from
+  available = dict(tf.train.list_variables(source))
+  assignment = {}
+  for saveable in saveables:
+    specs = getattr(saveable, 'specs', ())
+    if len(specs) != 1 or not isinstance(saveable.op, tf.Variable):
+      continue
+    key = specs[0].name
+    name = key[:-len(_VALUE_SUFFIX)] if key.endswith(_VALUE_SUFFIX) else key
+    if (name not in _OBJECT_STEP_COUNTERS and
+        available.get(key) == saveable.op.shape.as_list()):
+      assignment[key] = saveable.op
+  if not assignment:
+    return
+  tf.compat.v1.train.init_from_checkpoint(source, assignment)
+  log.info('warm start: %d of %d variables from %s', len(assignment),
+           len(saveables), source)
 
 
 def early_stopping_hook(estimator, spec):

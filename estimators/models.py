@@ -12,9 +12,14 @@ How the label reaches each kind (`label_format`): canned Estimators get the
 class names and `label_vocabulary`, so their exports answer with the
 configured class names; the custom model_fn gets the class index and adds the
 names itself; Keras models get the index shaped [batch, 1].
+
+Every kind exports the canned heads' signatures (`_export_outputs`): the
+custom model_fn builds them from its logits, Keras Estimators from the
+model's output (`_with_canned_exports`).
 """
 
 import importlib.util
+import logging
 import os
 import sys
 
@@ -23,6 +28,8 @@ import tensorflow as tf
 from estimators import keras_models
 from pipeline.cli import UserError
 from pipeline.config import ConfigError
+
+log = logging.getLogger('estpipe')
 
 CANNED = ('baseline', 'linear', 'dnn', 'wide_deep')
 
@@ -194,9 +201,73 @@ def _keras(config, columns, run_config):
   # Subclassed models have no graph to map variable names from: their
   # checkpoints must be name-based (Saver) checkpoints.
   subclassed = not getattr(model, '_is_graph_network', False)
-  return tf.keras.estimator.model_to_estimator(
+  estimator = tf.keras.estimator.model_to_estimator(
       keras_model=model, config=run_config, custom_objects=custom_objects,
       checkpoint_format='saver' if subclassed else 'checkpoint')
+  return _with_canned_exports(estimator, config)
+
+
+def _with_canned_exports(estimator, config):
+  """The Keras Estimator, exporting the canned heads' signatures.
+
+  model_to_estimator exports one PredictOutput of the model's outputs as
+  `serving_default`. In PREDICT mode this adds the canned predictions of the
+  model's output (`_keras_predictions`) and exports them as the custom
+  model_fn does (`_export_outputs`): `serving_default`, `classification` /
+  `regression` and `predict`. TRAIN and EVAL are left as they are, so the
+  graph, the variable names and the checkpoints do not change; the Keras
+  Estimator's warm start (the Keras model's initial weights) is kept.
+  """
+  inner = estimator.model_fn
+  pipeline_config = config
+
+  def model_fn(features, labels, mode, config):  # pylint: disable=redefined-outer-name
+    spec = inner(features, labels, mode, config)
+    if mode != tf.estimator.ModeKeys.PREDICT:
+      return spec
+    predictions = _keras_predictions(pipeline_config, spec.predictions)
+    if predictions is None:
+      return spec
+    return spec._replace(
+        predictions=predictions,
+        export_outputs=_export_outputs(pipeline_config.label.task,
+                                       predictions))
+
+  return tf.estimator.Estimator(
+      model_fn=model_fn, model_dir=estimator.model_dir,
+      config=estimator.config,
+      warm_start_from=estimator._warm_start_settings)  # pylint: disable=protected-access
+
+
+def _keras_predictions(config, outputs):
+  """A Keras model's outputs plus the canned predictions of its output.
+
+  The one output is read as the label task's Keras output layer makes it
+  (`keras_models.output_spec`): the positive class probability [batch, 1]
+  (binary), the class probabilities [batch, n_classes] (multiclass), the
+  value (regression). The Keras output keys stay; the canned keys win where
+  they coincide. None, with a warning, for a model that has several outputs
+  or another shape: its export keeps Keras's predict-only signature.
+  """
+  if not isinstance(outputs, dict) or len(outputs) != 1:
+    log.warning('Keras model with outputs %s: exporting the predict '
+                'signature only (classify and regress need one output)',
+                sorted(outputs) if isinstance(outputs, dict) else outputs)
+    return None
+  (name, output), = outputs.items()
+  output = tf.cast(output, tf.float32)
+  if output.shape.rank == 1:
+    output = tf.expand_dims(output, 1)
+  width = (config.label.n_classes if config.label.task == 'multiclass'
+           else 1)
+  if output.shape.rank != 2 or output.shape[1] != width:
+    log.warning('Keras model output %r has shape %s, not [batch, %d] for a '
+                '%s label: exporting the predict signature only', name,
+                output.shape, width, config.label.task)
+    return None
+  predictions = dict(outputs)
+  predictions.update(_output_predictions(config, output))
+  return predictions
 
 
 def feature_transform(config, columns):
@@ -261,21 +332,37 @@ def estimator_spec(config, mode, logits, labels, make_optimizer):
 
 
 def _predictions(config, logits):
+  """The canned predictions of `logits`, the logits included."""
   task = config.label.task
   if task == 'regression':
     return {'predictions': logits}
+  squash = tf.sigmoid if task == 'binary' else tf.nn.softmax
+  predictions = _output_predictions(config, squash(logits))
+  predictions['logits'] = logits
+  return predictions
+
+
+def _output_predictions(config, output):
+  """The canned predictions (without logits) of a model's output.
+
+  `output`: the positive class probability [batch, 1] (binary), the class
+  probabilities [batch, n_classes] (multiclass), the value [batch, 1]
+  (regression).
+  """
+  task = config.label.task
+  if task == 'regression':
+    return {'predictions': output}
   if task == 'binary':
-    logistic = tf.sigmoid(logits)
+    logistic = output
     probabilities = tf.concat([1.0 - logistic, logistic], axis=1)
     predictions = {'logistic': logistic}
   else:
-    probabilities = tf.nn.softmax(logits)
+    probabilities = output
     predictions = {}
   class_ids = tf.argmax(probabilities, axis=1)
   names = tf.constant(config.label.vocabulary)
-  batch = tf.shape(logits)[0]
+  batch = tf.shape(probabilities)[0]
   predictions.update({
-      'logits': logits,
       'probabilities': probabilities,
       'class_ids': tf.expand_dims(class_ids, 1),
       'classes': tf.expand_dims(tf.gather(names, class_ids), 1),

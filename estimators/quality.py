@@ -25,11 +25,15 @@ ALL_TYPES = ('baseline', 'linear', 'dnn', 'wide_deep', 'custom',
              'keras:sequential', 'keras:functional', 'keras:subclassed')
 
 
-def scratch_config(config, kind):
-  """`config` training `kind` (type or keras:style) in RUN_DIR/quality/."""
+def scratch_run(config, run_dir, kind):
+  """A copy of `config` training `kind` (type or keras:style) in run_dir.
+
+  run_dir is made afresh (an old one is removed) with links to the
+  transform, data and preprocess.json of config's preprocessed run; the
+  copy exports nothing. Also used by benchmarks/bench_training.py.
+  """
   model_type, _, style = kind.partition(':')
   derived = copy.deepcopy(config)
-  run_dir = config.path('quality', kind.replace(':', '-'))
   shutil.rmtree(run_dir, ignore_errors=True)
   os.makedirs(run_dir)
   for item in ('transform', 'data', 'preprocess.json'):
@@ -40,6 +44,13 @@ def scratch_config(config, kind):
   if style:
     derived.model.keras_style = style
   derived.export.exporters = []
+  return derived
+
+
+def scratch_config(config, kind):
+  """`config` training `kind` (type or keras:style) in RUN_DIR/quality/."""
+  derived = scratch_run(config, config.path('quality', kind.replace(':', '-')),
+                        kind)
   derived.validate(check_columns=False)
   return derived
 

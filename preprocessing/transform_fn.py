@@ -80,10 +80,11 @@ def _statistics_on_present_values(feature, x):
 
 def _scale_with_present_statistics(feature, x):
   values = tf.cast(x.values, tf.float32)
-  filled = tf.cast(fill_missing(x, feature), tf.float32)
+  # One mean analyzer serves both the z-score and a `default: mean` fill.
+  mean = tft.mean(values) if feature.transform == 'z_score' else None
+  filled = tf.cast(fill_missing(x, feature, mean), tf.float32)
   if feature.transform == 'z_score':
-    mean, var = tft.mean(values), tft.var(values)
-    return tf.math.divide_no_nan(filled - mean, tf.sqrt(var))
+    return tf.math.divide_no_nan(filled - mean, tf.sqrt(tft.var(values)))
   if feature.transform == 'scale_0_1':
     low, high = tft.min(values), tft.max(values)
     return tf.math.divide_no_nan(filled - low, high - low)
@@ -103,14 +104,19 @@ def _dense(x, default):
   return tf.squeeze(dense, axis=1)
 
 
-def fill_missing(x, feature):
-  """Fills missing values with the feature's default (constant or computed)."""
+def fill_missing(x, feature, mean=None):
+  """Fills missing values with the feature's default (constant or computed).
+
+  `mean`: the float32 tft.mean of the present values, when the caller has
+  it already (`default: mean` then adds no analyzer of its own).
+  """
   if not isinstance(x, tf.SparseTensor):
     return x
   default = feature.default
   if default == 'mean':
-    return _dense(x, tf.cast(tft.mean(tf.cast(x.values, tf.float32)),
-                             x.dtype))
+    if mean is None:
+      mean = tft.mean(tf.cast(x.values, tf.float32))
+    return _dense(x, tf.cast(mean, x.dtype))
   if default == 'most_frequent':
     return _dense(x, _most_frequent(x.values, feature.name))
   if default is None:

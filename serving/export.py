@@ -124,8 +124,9 @@ def _sparsify(name, values, spec_dtype, missing_tokens):
 def predict_signature(names):
   """The tf.Example predict signature among `names`.
 
-  Canned and custom Estimators export `predict`; Keras models converted with
-  model_to_estimator export only a predict-method `serving_default`.
+  Every model type exports `predict`; exports of Keras models made before
+  they got the canned signatures (and Keras models with several outputs,
+  see estimators.models) have only a predict-method `serving_default`.
   """
   return 'predict' if 'predict' in names else 'serving_default'
 

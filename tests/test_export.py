@@ -1,14 +1,17 @@
 """SavedModel exports: layout, signatures, raw vs tf.Example, skew check.
 
-A Census wide & deep model and a synthetic linear regressor are trained for
-a few steps on copies of the session's preprocessed runs and exported.
+A Census wide & deep model, a synthetic linear regressor and synthetic Keras
+models (a functional classifier, a subclassed regressor) are trained for a
+few steps on copies of the session's preprocessed runs and exported.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -41,6 +44,28 @@ def regression_export(synthetic_csv, tmp_path_factory):
   return config, export.export_saved_model(config, estimator)
 
 
+def _keras(config, style):
+  return {'model': dataclasses.replace(config.model, type='keras',
+                                       keras_style=style)}
+
+
+@pytest.fixture(scope='module')
+def keras_classifier_export(synthetic_run, tmp_path_factory):
+  """A functional Keras binary classifier (model_to_estimator)."""
+  return serving_helpers.trained_export(
+      synthetic_run, tmp_path_factory, name='keras_classifier',
+      **_keras(synthetic_run, 'functional'))
+
+
+@pytest.fixture(scope='module')
+def keras_regressor_export(regression_export, tmp_path_factory):
+  """A subclassed Keras regressor (Saver checkpoints) on the regression run."""
+  config, _ = regression_export
+  return serving_helpers.trained_export(
+      config, tmp_path_factory, name='keras_regressor',
+      **_keras(config, 'subclassed'))
+
+
 @pytest.fixture(scope='module')
 def census_loaded(census_export):
   return tf.saved_model.load(census_export[1])
@@ -60,10 +85,10 @@ def test_export_is_an_integer_version_with_metadata(census_export):
   assert meta['exporter'] == 'manual'
   assert meta['global_step'] == serving_helpers.TRAIN_STEPS
   assert meta['checkpoint'] == tf.train.latest_checkpoint(config.model_dir)
-  # What the model server types JSON values by (census: no integer features).
-  assert meta['raw_features'] == {
-      f.name: 'float' if f.type == 'float' else 'string'
-      for f in config.features}
+  # What the model server types JSON values by.
+  assert meta['raw_features'] == {f.name: f.type for f in config.features}
+  assert meta['raw_features']['capital-gain'] == 'integer'
+  assert meta['raw_features']['age'] == 'float'
   # Staging leftovers would be half-written exports; the empty root goes too.
   assert not os.path.exists(config.path('.staging'))
 
@@ -118,6 +143,121 @@ def test_raw_and_example_signatures_agree(census_export, census_loaded):
   out = loaded.signatures[export.RAW_SIGNATURE](**raw_examples.raw_tensors(
       parser, [question, empty]))['probabilities'].numpy()
   np.testing.assert_allclose(out[0], out[1], atol=1e-7)
+
+
+def _synthetic_examples(config, limit=200):
+  """Serialized raw tf.Examples of the first good eval rows."""
+  parser = raw_examples.row_parser(config)
+  rows, _ = verify.read_eval_rows(config, parser, max_rows=limit)
+  return tf.constant([raw_examples.to_example(parser, r.values)
+                      for r in rows])
+
+
+def test_keras_classifier_has_the_canned_signatures(keras_classifier_export):
+  """A Keras export answers :classify like its predict signature."""
+  config, path = keras_classifier_export
+  loaded = tf.saved_model.load(path)
+  assert {'serving_default', 'classification', 'regression', 'predict',
+          export.RAW_SIGNATURE} <= set(loaded.signatures)
+  examples = _synthetic_examples(config)
+  predicted = loaded.signatures['predict'](examples=examples)
+  classified = loaded.signatures['classification'](inputs=examples)
+  by_default = loaded.signatures['serving_default'](inputs=examples)
+  regressed = loaded.signatures['regression'](inputs=examples)
+  probabilities = predicted['probabilities'].numpy()
+  assert probabilities.shape == (len(examples), 2)
+  assert np.ptp(probabilities[:, 1]) > 0, 'a constant model proves little'
+  np.testing.assert_allclose(classified['scores'].numpy(), probabilities,
+                             atol=1e-6)
+  np.testing.assert_allclose(by_default['scores'].numpy(), probabilities,
+                             atol=1e-6)
+  np.testing.assert_allclose(regressed['outputs'].numpy().reshape(-1),
+                             probabilities[:, 1], atol=1e-6)
+  # Scores with the configured class names, as canned classifiers answer.
+  classes = classified['classes'].numpy().astype(str)
+  assert (classes == np.array(config.label.vocabulary)).all()
+  np.testing.assert_allclose(predicted['logistic'].numpy().reshape(-1),
+                             probabilities[:, 1], atol=1e-6)
+  chosen = predicted['classes'].numpy().astype(str).reshape(-1)
+  assert list(chosen) == [config.label.vocabulary[i] for i in
+                          probabilities.argmax(axis=1)]
+
+
+def test_keras_regressor_has_the_canned_signatures(keras_regressor_export):
+  config, path = keras_regressor_export
+  loaded = tf.saved_model.load(path)
+  names = set(loaded.signatures)
+  assert {'serving_default', 'regression', 'predict',
+          export.RAW_SIGNATURE} <= names
+  assert 'classification' not in names
+  examples = _synthetic_examples(config)
+  predicted = loaded.signatures['predict'](examples=examples)
+  regressed = loaded.signatures['regression'](inputs=examples)
+  by_default = loaded.signatures['serving_default'](inputs=examples)
+  values = predicted['predictions'].numpy().reshape(-1)
+  assert np.ptp(values) > 0
+  np.testing.assert_allclose(regressed['outputs'].numpy().reshape(-1), values,
+                             atol=1e-6)
+  np.testing.assert_allclose(by_default['outputs'].numpy().reshape(-1),
+                             values, atol=1e-6)
+
+
+def test_keras_output_as_canned_predictions():
+  """Multiclass, a Keras output name kept, and the predict-only fallback."""
+  from estimators import models
+  from pipeline.config import LabelConfig
+
+  def config(task, values):
+    return types.SimpleNamespace(label=LabelConfig('y', task, values))
+
+  multiclass = config('multiclass', ['a', 'b', 'c'])
+  probabilities = tf.constant([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+  predictions = models._keras_predictions(  # pylint: disable=protected-access
+      multiclass, {'probabilities': probabilities})
+  outputs = models._export_outputs('multiclass', predictions)  # pylint: disable=protected-access
+  assert set(outputs) == {'serving_default', 'classification', 'predict'}
+  assert list(predictions['classes'].numpy().astype(str).ravel()) == [
+      'b', 'a']
+  classify = outputs['classification']
+  np.testing.assert_allclose(classify.scores.numpy(), probabilities.numpy())
+  assert (classify.classes.numpy().astype(str) == ['a', 'b', 'c']).all()
+  # A subclassed model's output is named output_1: the name stays.
+  binary = models._keras_predictions(  # pylint: disable=protected-access
+      config('binary', ['no', 'yes']), {'output_1': tf.constant([[0.9],
+                                                                  [0.2]])})
+  assert {'output_1', 'logistic', 'probabilities', 'classes'} <= set(binary)
+  np.testing.assert_allclose(binary['probabilities'].numpy(),
+                             [[0.1, 0.9], [0.8, 0.2]], atol=1e-7)
+  assert list(binary['classes'].numpy().astype(str).ravel()) == ['yes', 'no']
+  # Several outputs, or a shape the task does not make: predict only.
+  assert models._keras_predictions(  # pylint: disable=protected-access
+      multiclass, {'p': probabilities, 'q': probabilities}) is None
+  assert models._keras_predictions(  # pylint: disable=protected-access
+      multiclass, {'p': tf.constant([[0.5, 0.5]])}) is None
+
+
+@pytest.mark.parametrize('which', ['classifier', 'regressor'])
+def test_verify_export_passes_for_keras(which, synthetic_csv, request,
+                                        capsys):
+  """`estpipe verify-export` checks every signature of a Keras export."""
+  config, _ = request.getfixturevalue(f'keras_{which}_export')
+  overrides = [f'run_dir={config.run_dir}', 'model.type=keras',
+               f'model.keras_style={config.model.keras_style}',
+               f'data.train={synthetic_csv}/data-*.csv']
+  if which == 'regressor':
+    overrides += ['label.name=target', 'label.task=regression',
+                  'label.values=null',
+                  'label.expression=age + capital_gain / 1000']
+  args = [a for o in overrides for a in ('--set', o)]
+  code = cli.main(['verify-export', config.source, *args,
+                   '--max_rows', '300'])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  checked = set(json.loads(out.out)['max_abs_diff'])
+  expected = {'serving_default', 'predict', 'raw:predict', 'regression'}
+  if which == 'classifier':
+    expected.add('classification')
+  assert checked == expected
 
 
 def _saved_model_cli(*args):

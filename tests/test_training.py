@@ -284,6 +284,22 @@ def test_warm_start_from_another_run(wide_deep_run, census_majority,
   assert metrics['accuracy'] == pytest.approx(source_accuracy, abs=0.02)
 
 
+@pytest.mark.parametrize('style', ['functional', 'sequential'])
+def test_keras_warm_start_from_object_based_checkpoints(
+    census_run, census_majority, style, tmp_path):
+  # These styles write object-based checkpoints, whose keys are not graph
+  # variable names: the warm start maps them through the model_fn's saver.
+  source = derive(census_run, tmp_path / 'source', model__type='keras',
+                  model__keras_style=style)
+  source_accuracy = train_lib.train(source)['metrics']['accuracy']
+  config = derive(census_run, tmp_path / 'warm', model__type='keras',
+                  model__keras_style=style, train__steps=1,
+                  train__warm_start_from=source.run_dir)
+  metrics = train_lib.train(config)['metrics']
+  assert metrics['accuracy'] > census_majority + 0.04
+  assert metrics['accuracy'] == pytest.approx(source_accuracy, abs=0.01)
+
+
 def test_warm_start_without_checkpoint_is_a_clear_error(census_run, tmp_path):
   config = derive(census_run, tmp_path / 'run', model__type='linear',
                   train__warm_start_from=str(tmp_path))
