@@ -3,8 +3,9 @@
   python benchmarks/bench_serving.py [--model_base_path DIR --signature S
                                       --requests 2000 --seconds 5]
 
-Without --model_base_path it trains a tiny LinearClassifier (numeric +
-categorical feature) and serves its per-feature 'raw:predict' signature.
+Without --model_base_path it trains the tests' tiny LinearClassifier (numeric +
+categorical feature; serving/tiny_models.py) and serves its per-feature
+'raw:predict' signature.
 It measures, in one run:
   * the floor: one-row calls of the loaded signature in this process;
   * one-row predict latency p50/p99 over REST (keep-alive) and gRPC;
@@ -42,30 +43,11 @@ ROW = {'x': 0.3, 'c': 'b'}
 
 
 def tiny_model(work_dir):
-  """Trains and exports a tiny canned classifier; returns its base path."""
-  x = np.random.RandomState(0).rand(64).astype(np.float32)
-  c = np.array(['a', 'b', 'c', 'd'] * 16)
-  columns = [tf.feature_column.numeric_column('x'),
-             tf.feature_column.categorical_column_with_vocabulary_list(
-                 'c', ['a', 'b', 'c', 'd'])]
-  estimator = tf.estimator.LinearClassifier(
-      columns, config=tf.estimator.RunConfig(
-          model_dir=os.path.join(work_dir, 'model')))
-  estimator.train(lambda: tf.data.Dataset.from_tensor_slices(
-      ({'x': x, 'c': c}, (x > 0.5).astype(np.int64))).repeat().batch(16),
-                  steps=5)
-  spec = {'x': tf.io.FixedLenFeature([], tf.float32),
-          'c': tf.io.FixedLenFeature([], tf.string, default_value='')}
-  parsing = tf.estimator.export.build_parsing_serving_input_receiver_fn(spec)
-
-  def receiver_fn():
-    receiver = parsing()
-    return tf.estimator.export.ServingInputReceiver(
-        receiver.features, receiver.receiver_tensors,
-        receiver_tensors_alternatives={'raw': dict(receiver.features)})
-
-  exported = estimator.export_saved_model(os.path.join(work_dir, 'tmp'),
-                                          receiver_fn).decode()
+  """The tests' tiny LinearClassifier, exported as version 1; returns its
+  base path."""
+  # pylint: disable-next=g-import-not-at-top
+  from serving import tiny_models
+  exported = tiny_models.train_and_export('classifier', work_dir)
   base = os.path.join(work_dir, 'served')
   os.makedirs(base)
   os.rename(exported, os.path.join(base, '1'))

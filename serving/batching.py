@@ -3,7 +3,9 @@
 Each signature gets a `Batcher`. A request joins the open batch when its
 inputs have the same per-row shapes and the batch has room; a batch closes
 when it reaches max_batch_size or batch_timeout_micros after it opened, and
-a pool of batch threads runs closed batches, then hands each request its rows.
+a pool of batch threads runs closed batches, then hands each request its rows:
+`run` waits for them in the caller's thread, `submit` has them passed to a
+callback (so an event loop can wait for many requests without a thread each).
 
 The parameters file uses TF Serving's text format (BatchingParameters from
 session_bundle_config.proto). tensorflow-serving-api does not ship that
@@ -111,17 +113,29 @@ def parse_batching_parameters(text):
 
 
 class _Task:
-  """One request's rows; `done` is held until its outputs are set."""
-  __slots__ = ('inputs', 'rows', 'done', 'outputs', 'error')
+  """One request's rows; `done` is held until its outputs are set, or
+  `callback(outputs, error)` is called with them."""
+  __slots__ = ('inputs', 'rows', 'done', 'outputs', 'error', 'callback')
 
-  def __init__(self, inputs, rows):
+  def __init__(self, inputs, rows, callback=None):
     self.inputs = inputs
     self.rows = rows
-    # A bare lock is the cheapest one-shot signal between two threads.
-    self.done = threading.Lock()
-    self.done.acquire()
+    self.callback = callback
+    if callback is None:
+      # A bare lock is the cheapest one-shot signal between two threads.
+      self.done = threading.Lock()
+      self.done.acquire()
     self.outputs = None
     self.error = None
+
+  def finish(self):
+    if self.callback is None:
+      self.done.release()
+      return
+    try:
+      self.callback(self.outputs, self.error)
+    except Exception:  # pylint: disable=broad-except
+      log.exception('a batched request\'s callback failed')
 
 
 class _Batch:
@@ -157,8 +171,8 @@ class Batcher:
 
   def run(self, signature, inputs):
     """Runs `signature` on `inputs` as part of a batch; returns its rows."""
-    rows = _rows(inputs)
-    if rows is None or rows == 0 or rows > self.options.max_batch_size:
+    rows = self._batchable_rows(inputs)
+    if rows is None:
       # Unbatchable or larger than a batch: run on its own, unsplit.
       return signature.call(inputs)
     task = _Task(inputs, rows)
@@ -167,6 +181,23 @@ class Batcher:
     if task.error is not None:
       raise task.error
     return task.outputs
+
+  def submit(self, signature, inputs, callback):
+    """Queues `inputs` for a batch; a batch thread calls
+    `callback(outputs, error)` with its rows or a ServingError. Returns False
+    (and queues nothing) if the inputs can't join a batch; raises
+    ServingError if the queue is full or the batcher is stopping."""
+    rows = self._batchable_rows(inputs)
+    if rows is None:
+      return False
+    self._enqueue(signature, _Task(inputs, rows, callback))
+    return True
+
+  def _batchable_rows(self, inputs):
+    rows = _rows(inputs)
+    if rows is None or rows == 0 or rows > self.options.max_batch_size:
+      return None
+    return rows
 
   def _enqueue(self, signature, task):
     key = tuple((name, value.shape[1:], value.dtype)
@@ -259,7 +290,7 @@ class Batcher:
         task.error = ServingError(grpc.StatusCode.INTERNAL,
                                   f'batched call failed: {e}')
     for task in tasks:
-      task.done.release()
+      task.finish()
 
   def _padded_size(self, rows):
     for size in self.options.allowed_batch_sizes:

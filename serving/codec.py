@@ -35,20 +35,20 @@ def shape_str(shape):
 
 def json_to_array(value, name, dtype):
   """A JSON value (nested lists of scalars) as an array of `dtype`."""
-  dtype = tf.as_dtype(dtype)
-  if dtype == tf.string:
+  target, accepted = _json_target(dtype)
+  if target is None:
     return _json_to_strings(value, name)
   try:
     arr = np.asarray(value)
   except ValueError:
     raise invalid(f'input {name!r}: the nested lists are ragged; every row '
                   'must have the same length') from None
-  target = np.dtype(dtype.as_numpy_dtype)
-  if arr.size == 0 and arr.dtype.kind == 'f':
-    return arr.astype(target)
-  if arr.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, ''):
-    got = _KIND_WORDS.get(arr.dtype.kind, arr.dtype.name)
-    if arr.dtype.kind == 'O' and _is_ragged(value):
+  kind = arr.dtype.kind
+  if kind not in accepted:
+    if arr.size == 0 and kind == 'f':
+      return arr.astype(target)
+    got = _KIND_WORDS.get(kind, arr.dtype.name)
+    if kind == 'O' and _is_ragged(value):
       raise invalid(f'input {name!r}: the nested lists are ragged; every row '
                     'must have the same length')
     raise invalid(f'input {name!r} expects {dtype_name(dtype)} values, got '
@@ -59,6 +59,23 @@ def json_to_array(value, name, dtype):
       raise invalid(f'input {name!r}: value out of range for '
                     f'{dtype_name(dtype)}')
   return arr.astype(target, copy=False)
+
+
+_JSON_TARGETS = {}
+
+
+def _json_target(dtype):
+  """(numpy dtype or None for strings, accepted JSON kinds) of a dtype."""
+  found = _JSON_TARGETS.get(dtype)
+  if found is None:
+    tf_dtype = tf.as_dtype(dtype)
+    if tf_dtype == tf.string:
+      found = (None, '')
+    else:
+      target = np.dtype(tf_dtype.as_numpy_dtype)
+      found = (target, _ACCEPTED_KINDS.get(target.kind, ''))
+    _JSON_TARGETS[dtype] = found
+  return found
 
 
 def _is_ragged(value):
@@ -117,9 +134,24 @@ def _describe(value):
 def array_to_json(arr, name):
   """An output array as nested JSON lists (strings as text or b64)."""
   if arr.dtype.kind in 'OS':
+    values = arr.tolist()
     binary = name.endswith('_bytes')
-    return _strings_to_json(arr.tolist(), binary)
+    if not binary:
+      try:
+        return _texts(values, arr.ndim)
+      except UnicodeDecodeError:
+        pass  # some values are binary: those go as b64
+    return _strings_to_json(values, binary)
   return arr.tolist()
+
+
+def _texts(values, depth):
+  """Nested lists of UTF-8 bytes as text (the common case, made quick)."""
+  if depth == 1:
+    return [value.decode('utf-8') for value in values]
+  if depth == 0:
+    return values.decode('utf-8')
+  return [_texts(value, depth - 1) for value in values]
 
 
 def _strings_to_json(value, binary):

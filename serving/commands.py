@@ -51,6 +51,11 @@ def _add_serve(subparsers):
   parser.add_argument('--model_config_file', default=None,
                       help='TF Serving ModelServerConfig in text format '
                       '(several models, version policies and labels)')
+  parser.add_argument('--model_config_file_poll_wait_seconds', type=float,
+                      default=0, help='seconds between re-reads of '
+                      '--model_config_file; a changed file is applied '
+                      '(models added, removed, policies and labels changed), '
+                      'a bad one logged and ignored (default 0: read once)')
   parser.add_argument('--enable_batching', type=_bool, nargs='?', const=True,
                       default=False, help='merge concurrent requests into '
                       'batched signature calls')
@@ -88,6 +93,13 @@ def serve_options(args):
     # TF Serving's "never poll" testing mode would load nothing at all.
     raise UserError('--file_system_poll_wait_seconds must be >= 0 (0 loads '
                     'the versions present at start and never polls)')
+  if args.model_config_file_poll_wait_seconds < 0:
+    raise UserError('--model_config_file_poll_wait_seconds must be >= 0 (0 '
+                    'reads the file once, at start)')
+  if (args.model_config_file_poll_wait_seconds and
+      not args.model_config_file):
+    raise UserError('--model_config_file_poll_wait_seconds needs '
+                    '--model_config_file')
   if args.max_request_bytes < 1:
     raise UserError('--max_request_bytes must be positive')
   if args.grpc_max_threads < 1:
@@ -97,6 +109,8 @@ def serve_options(args):
       rest_port=args.rest_api_port or None, host=args.host,
       rest_host=args.rest_api_host,
       poll_wait_seconds=args.file_system_poll_wait_seconds,
+      model_config_file=args.model_config_file,
+      model_config_poll_seconds=args.model_config_file_poll_wait_seconds,
       batching=_batching_options(args, batching),
       max_body_bytes=args.max_request_bytes,
       grpc_max_workers=args.grpc_max_threads)

@@ -1,9 +1,10 @@
 """TF Serving's gRPC API on the servicers tensorflow-serving-api ships.
 
 tensorflow.serving.PredictionService: Predict, Classify, Regress,
-GetModelMetadata; tensorflow.serving.ModelService: GetModelStatus. Status
-and metadata responses are built here as protos and also rendered as JSON
-for the REST API, so the two always agree.
+MultiInference, GetModelMetadata; tensorflow.serving.ModelService:
+GetModelStatus, HandleReloadConfigRequest. Status and metadata responses are
+built here as protos and also rendered as JSON for the REST API, so the two
+always agree.
 """
 
 import concurrent.futures
@@ -14,14 +15,17 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import inference_pb2
+from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.apis import regression_pb2
 
 from serving import codec
+from serving import models as models_lib
 from serving.errors import ServingError, invalid
-from serving.versions import END
+from serving.versions import END, model_configs
 
 log = logging.getLogger('estpipe')
 
@@ -140,10 +144,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         request.input, servable.raw_features))
     response = classification_pb2.ClassificationResponse()
     _fill_spec(response.model_spec, servable, signature.key)
-    for result in results:
-      classifications = response.result.classifications.add()
-      for label, score in result:
-        classifications.classes.add(label=_text(label), score=score)
+    _fill_classifications(response.result, results)
     return response
 
   @_rpc
@@ -154,8 +155,64 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         request.input, servable.raw_features))
     response = regression_pb2.RegressionResponse()
     _fill_spec(response.model_spec, servable, signature.key)
-    for value in values:
-      response.result.regressions.add(value=value)
+    _fill_regressions(response.result, values)
+    return response
+
+  @_rpc
+  def MultiInference(self, request, context):  # pylint: disable=invalid-name
+    """Classification and regression tasks of one model over one input.
+
+    Validated as TF Serving does (multi_inference.cc): one model, each
+    signature once, classify or regress methods, one shared input tensor;
+    each task's signature then runs on the same Examples.
+    """
+    tasks = list(request.tasks)
+    if not tasks:
+      raise invalid('MultiInferenceRequest has no tasks: give at least one '
+                    'classification or regression task')
+    servable = resolve_spec(self.core, tasks[0].model_spec)
+    plan = []
+    seen = set()
+    input_tensor = None
+    for task in tasks:
+      spec = task.model_spec
+      if not spec.name:
+        raise invalid('Found ModelSpec with an empty model name.')
+      if spec.name != tasks[0].model_spec.name:
+        raise invalid('All ModelSpecs in a MultiInferenceRequest must access '
+                      'the same model name.')
+      key = spec.signature_name or models_lib.DEFAULT_SIGNATURE
+      if key in seen:
+        raise invalid(f'Duplicate evaluation of signature: {key}')
+      seen.add(key)
+      signature = servable.signatures.get(key)
+      if signature is None:
+        raise invalid(f'Requested signature not found in model graph: {key}')
+      if task.method_name not in (models_lib.CLASSIFY_METHOD,
+                                   models_lib.REGRESS_METHOD):
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                           'Unsupported signature method_name: '
+                           f'{task.method_name}')
+      inputs = servable.signature_defs[key].inputs
+      names = sorted(info.name for info in inputs.values())
+      if input_tensor is None:
+        input_tensor = names
+      elif names != input_tensor:
+        raise invalid('Input tensor must be the same for all Signatures.')
+      plan.append((task.method_name, signature))
+    serialized = serialized_examples(request.input, servable.raw_features)
+    calls = [(method, (self.core.classify_call if
+                       method == models_lib.CLASSIFY_METHOD else
+                       self.core.regress_call)(signature, serialized))
+             for method, signature in plan]
+    response = inference_pb2.MultiInferenceResponse()
+    for method, call in calls:
+      result = response.results.add()
+      _fill_spec(result.model_spec, servable, call.signature.key)
+      if method == models_lib.CLASSIFY_METHOD:
+        _fill_classifications(result.classification_result, call.run())
+      else:
+        _fill_regressions(result.regression_result, call.run())
     return response
 
   @_rpc
@@ -169,7 +226,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-  """tensorflow.serving.ModelService (status only)."""
+  """tensorflow.serving.ModelService."""
 
   def __init__(self, core):
     self.core = core
@@ -182,6 +239,36 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     version = spec.version.value if spec.HasField('version') else None
     return status_response(self.core, spec.name, version,
                            spec.version_label or None)
+
+  @_rpc
+  def HandleReloadConfigRequest(self, request, context):  # pylint: disable=invalid-name
+    """Serves the request's model list from now on (as TF Serving: added
+    models are loaded before the answer, removed ones unloaded)."""
+    if request.config.WhichOneof('config') != 'model_config_list':
+      raise invalid('ServerModelConfig type not supported by '
+                    'HandleReloadConfigRequest. Only ModelConfigList is '
+                    'currently supported')
+    try:
+      models = model_configs(request.config, 'ReloadConfigRequest.config')
+    except ValueError as e:
+      raise invalid(str(e)) from None
+    self.core.reload_config(models)
+    response = model_management_pb2.ReloadConfigResponse()
+    response.status.SetInParent()  # error_code 0: OK
+    return response
+
+
+def _fill_classifications(result, results):
+  """A ClassificationResult from classify's [[(label, score)]]."""
+  for row in results:
+    classifications = result.classifications.add()
+    for label, score in row:
+      classifications.classes.add(label=_text(label), score=score)
+
+
+def _fill_regressions(result, values):
+  for value in values:
+    result.regressions.add(value=value)
 
 
 def _text(label):

@@ -9,6 +9,7 @@ import inspect
 import os
 
 import grpc
+import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
@@ -51,6 +52,14 @@ class Signature:
         shape and shape[0] is None
         for _, shape in list(self.inputs.values()) +
         list(self.outputs.values()))
+    # name -> (numpy dtype, takes strings, rank or None, {axis: fixed
+    # size}): what a request's arrays are checked against.
+    self.input_checks = {
+        name: (np.dtype(dtype.as_numpy_dtype), dtype == tf.string,
+               None if shape is None else len(shape),
+               {axis: size for axis, size in enumerate(shape or ())
+                if size is not None and size >= 0})
+        for name, (dtype, shape) in self.inputs.items()}
     self.batcher = None  # set by the server when batching is on
     self._flat_order = _flat_call_order(function, self.inputs)
 
@@ -59,6 +68,14 @@ class Signature:
     if self.batcher is not None and self.batchable:
       return self.batcher.run(self, inputs)
     return self.call(inputs)
+
+  def submit(self, inputs, callback):
+    """Queues the inputs for a batched call, whose batch thread calls
+    `callback(outputs, error)`; False if batching is off for this signature
+    or the inputs can't join a batch (then the caller runs them)."""
+    if self.batcher is not None and self.batchable:
+      return self.batcher.submit(self, inputs, callback)
+    return False
 
   def call(self, inputs):
     try:

@@ -4,11 +4,19 @@
 the protocol-neutral operations (predict / classify / regress on numpy
 values) that serving/rest.py and serving/grpc_service.py translate to and
 from their wire formats, so both protocols validate and answer alike.
+
+Each operation is validated into a `Call` (a signature, its inputs and how
+to turn the signature's outputs into the answer). `Call.run()` runs it in the
+calling thread; `Call.start(callback)` runs it without holding a thread
+(batched, or on the server's model threads) for the event-loop REST front
+end.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 from typing import List, Optional
 
@@ -18,7 +26,7 @@ from serving import models as models_lib
 from serving.batching import Batcher, BatchingOptions
 from serving.codec import check_shape, dtype_name
 from serving.errors import invalid
-from serving.versions import ModelConfig, ModelManager
+from serving.versions import ConfigFilePoller, ModelConfig, ModelManager
 
 log = logging.getLogger('estpipe')
 
@@ -34,9 +42,16 @@ class ServerOptions:
   host: str = '127.0.0.1'
   rest_host: Optional[str] = None  # defaults to host
   poll_wait_seconds: float = 1.0
+  # Re-read this ModelServerConfig file every model_config_poll_seconds
+  # (0: never) and apply it when it changes.
+  model_config_file: Optional[str] = None
+  model_config_poll_seconds: float = 0
   batching: Optional[BatchingOptions] = None
   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
   grpc_max_workers: int = 32
+  # Threads for unbatched model calls of the REST front end (whose requests
+  # are read and answered on one event loop). Python's default pool size.
+  model_threads: int = min(32, (os.cpu_count() or 1) + 4)
   shutdown_grace_seconds: float = 30.0
 
 
@@ -49,10 +64,13 @@ class ModelServer:
     self.manager = ModelManager(options.models, options.poll_wait_seconds,
                                 on_load=self._attach_batcher)
     self._inflight = 0
-    self._idle = threading.Condition()
+    self._inflight_lock = threading.Lock()
+    self._idle = threading.Condition(self._inflight_lock)
     self.draining = False
     self._rest = None
     self._grpc = None
+    self.model_pool = None  # threads for unbatched REST model calls
+    self.config_poller = None
     self.grpc_port = None
     self.rest_port = None
 
@@ -63,8 +81,13 @@ class ModelServer:
 
   def start(self):
     """Loads the current versions, then opens the ports."""
-    self.manager.start()
     opts = self.options
+    if opts.model_config_file and opts.model_config_poll_seconds > 0:
+      self.config_poller = ConfigFilePoller(
+          opts.model_config_file, opts.model_config_poll_seconds, self.manager)
+    self.manager.start()
+    if self.config_poller is not None:
+      self.config_poller.start()
     if opts.grpc_port is not None:
       from serving import grpc_service  # pylint: disable=g-import-not-at-top
       self._grpc, self.grpc_port = grpc_service.start(
@@ -73,6 +96,8 @@ class ModelServer:
       log.info('gRPC API at %s:%d', opts.host, self.grpc_port)
     if opts.rest_port is not None:
       from serving import rest  # pylint: disable=g-import-not-at-top
+      self.model_pool = concurrent.futures.ThreadPoolExecutor(
+          opts.model_threads, thread_name_prefix='model')
       host = opts.rest_host or opts.host
       self._rest = rest.start(self, host, opts.rest_port)
       self.rest_port = self._rest.server_address[1]
@@ -93,22 +118,38 @@ class ModelServer:
       stopped.wait(grace)
     if self._rest is not None:
       self._rest.server_close()
+    if self.model_pool is not None:
+      self.model_pool.shutdown()
     if self.batcher is not None:
       self.batcher.stop()
+    if self.config_poller is not None:
+      self.config_poller.stop()
     self.manager.stop()
+
+  def reload_config(self, models):
+    """Serves `models` (ModelConfigs) from now on: TF Serving's
+    ReloadConfig. Returns once added models are loaded."""
+    self.manager.reconfigure(models)
+
+  def begin_request(self):
+    """Counts a request as in flight, so shutdown waits for it."""
+    with self._inflight_lock:
+      self._inflight += 1
+
+  def end_request(self):
+    with self._inflight_lock:
+      self._inflight -= 1
+      if not self._inflight:
+        self._idle.notify_all()
 
   @contextlib.contextmanager
   def request(self):
-    """Counts a request as in flight, so shutdown waits for it."""
-    with self._idle:
-      self._inflight += 1
+    """A request in flight for the duration of the block."""
+    self.begin_request()
     try:
       yield
     finally:
-      with self._idle:
-        self._inflight -= 1
-        if not self._inflight:
-          self._idle.notify_all()
+      self.end_request()
 
   # Protocol-neutral operations.
 
@@ -119,63 +160,81 @@ class ModelServer:
 
   def predict(self, signature, inputs, output_filter=None):
     """Runs a signature on {input name: array}; returns {output: array}."""
-    _check_input_names(signature, inputs)
-    for name, value in inputs.items():
-      dtype, shape = signature.inputs[name]
-      if value.dtype != dtype.as_numpy_dtype and not (
-          dtype.name == 'string' and value.dtype.kind in 'OS'):
-        raise invalid(f'input {name!r} is {dtype_name(value.dtype)} but '
-                      f'signature {signature.key!r} expects '
-                      f'{dtype_name(dtype)}')
-      check_shape(value, name, shape)
-    if output_filter:
-      unknown = sorted(set(output_filter) - set(signature.outputs))
-      if unknown:
-        raise invalid(f'output_filter names unknown outputs {unknown}; '
-                      f'signature {signature.key!r} has '
-                      f'{sorted(signature.outputs)}')
-    outputs = signature.run(inputs)
-    if output_filter:
-      outputs = {k: v for k, v in outputs.items() if k in output_filter}
-    return outputs
+    return self.predict_call(signature, inputs, output_filter).run()
 
   def classify(self, signature, serialized):
     """[[(label bytes, score)] per example] from a classification signature."""
-    outputs = self._run_examples(signature, serialized,
-                                 models_lib.CLASSIFY_METHOD, 'classification')
-    classes = outputs.get('classes')
-    scores = outputs.get('scores')
-    if classes is None and scores is None:
-      raise invalid('Expected classification signature outputs to contain '
-                    'classes or scores')
-    count = len(serialized)
-    for key, value in (('classes', classes), ('scores', scores)):
-      if value is not None and (value.ndim != 2 or value.shape[0] != count):
-        raise invalid(f'Expected {key} output of shape [{count}, k], got '
-                      f'{list(value.shape)}')
-    width = (classes if classes is not None else scores).shape[1]
-    results = []
-    for i in range(count):
-      labels = classes[i].tolist() if classes is not None else [b''] * width
-      values = scores[i].tolist() if scores is not None else [0.0] * width
-      results.append(list(zip(labels, values)))
-    return results
+    return self.classify_call(signature, serialized).run()
 
   def regress(self, signature, serialized):
     """[value per example] from a regression signature."""
-    outputs = self._run_examples(signature, serialized,
-                                 models_lib.REGRESS_METHOD, 'regression')
-    values = outputs.get('outputs')
-    count = len(serialized)
-    if values is None:
-      raise invalid('Expected regression signature to have an "outputs" '
-                    'output')
-    if values.size != count or values.shape[0] != count:
-      raise invalid(f'Expected outputs of shape [{count}] or [{count}, 1], '
-                    f'got {list(values.shape)}')
-    return values.reshape(count).tolist()
+    return self.regress_call(signature, serialized).run()
 
-  def _run_examples(self, signature, serialized, method, kind):
+  def predict_call(self, signature, inputs, output_filter=None):
+    """The validated Call of `predict`."""
+    _check_input_names(signature, inputs)
+    checks = signature.input_checks
+    for name, value in inputs.items():
+      want, strings, rank, fixed = checks[name]
+      if value.dtype != want and not (strings and value.dtype.kind in 'OS'):
+        raise invalid(f'input {name!r} is {dtype_name(value.dtype)} but '
+                      f'signature {signature.key!r} expects '
+                      f'{dtype_name(signature.inputs[name][0])}')
+      if rank is not None and (value.ndim != rank or fixed and any(
+          value.shape[axis] != size for axis, size in fixed.items())):
+        check_shape(value, name, signature.inputs[name][1])  # raises
+    if not output_filter:
+      return Call(self, signature, inputs, _identity)
+    unknown = sorted(set(output_filter) - set(signature.outputs))
+    if unknown:
+      raise invalid(f'output_filter names unknown outputs {unknown}; '
+                    f'signature {signature.key!r} has '
+                    f'{sorted(signature.outputs)}')
+    return Call(self, signature, inputs, lambda outputs: {
+        k: v for k, v in outputs.items() if k in output_filter})
+
+  def classify_call(self, signature, serialized):
+    """The validated Call of `classify`."""
+    inputs = self._example_inputs(signature, serialized,
+                                  models_lib.CLASSIFY_METHOD, 'classification')
+    count = len(serialized)
+
+    def finish(outputs):
+      classes = outputs.get('classes')
+      scores = outputs.get('scores')
+      if classes is None and scores is None:
+        raise invalid('Expected classification signature outputs to contain '
+                      'classes or scores')
+      for key, value in (('classes', classes), ('scores', scores)):
+        if value is not None and (value.ndim != 2 or value.shape[0] != count):
+          raise invalid(f'Expected {key} output of shape [{count}, k], got '
+                        f'{list(value.shape)}')
+      width = (classes if classes is not None else scores).shape[1]
+      labels = classes.tolist() if classes is not None else [[b''] * width
+                                                             ] * count
+      values = scores.tolist() if scores is not None else [[0.0] * width
+                                                           ] * count
+      return [list(zip(l, v)) for l, v in zip(labels, values)]
+    return Call(self, signature, inputs, finish)
+
+  def regress_call(self, signature, serialized):
+    """The validated Call of `regress`."""
+    inputs = self._example_inputs(signature, serialized,
+                                  models_lib.REGRESS_METHOD, 'regression')
+    count = len(serialized)
+
+    def finish(outputs):
+      values = outputs.get('outputs')
+      if values is None:
+        raise invalid('Expected regression signature to have an "outputs" '
+                      'output')
+      if values.size != count or values.shape[0] != count:
+        raise invalid(f'Expected outputs of shape [{count}] or [{count}, 1], '
+                      f'got {list(values.shape)}')
+      return values.reshape(count).tolist()
+    return Call(self, signature, inputs, finish)
+
+  def _example_inputs(self, signature, serialized, method, kind):
     if signature.method_name != method:
       raise invalid(f'Expected {kind} signature method_name to be {method}. '
                     f'Was: {signature.method_name}')
@@ -187,12 +246,51 @@ class ModelServer:
     (name,) = signature.inputs
     batch = np.empty(len(serialized), dtype=object)
     batch[:] = serialized
-    return signature.run({name: batch})
+    return {name: batch}
 
   def statuses(self, name, version=None, label=None):
     if version is not None and label is not None:
       raise invalid('Only one of version or version_label may be specified')
     return self.manager.statuses(name, version, label)
+
+
+def _identity(outputs):
+  return outputs
+
+
+class Call:
+  """A validated signature call and how its outputs become the answer."""
+  __slots__ = ('server', 'signature', 'inputs', 'finish')
+
+  def __init__(self, server, signature, inputs, finish):
+    self.server = server
+    self.signature = signature
+    self.inputs = inputs
+    self.finish = finish  # signature outputs -> the operation's result
+
+  def run(self):
+    """Runs the call in this thread (batched with others if batching is
+    on); returns the result."""
+    return self.finish(self.signature.run(self.inputs))
+
+  def start(self, callback):
+    """Starts the call without waiting for it: `callback(outputs, error)`
+    follows from another thread, with the signature's outputs (pass them to
+    `finish`) or a ServingError. A batched call takes no thread while it
+    waits; others run on the server's model threads."""
+    if self.signature.submit(self.inputs, callback):
+      return
+    self.server.model_pool.submit(
+        _run_for, self.signature, self.inputs, callback)
+
+
+def _run_for(signature, inputs, callback):
+  try:
+    outputs = signature.run(inputs)
+  except Exception as e:  # pylint: disable=broad-except
+    callback(None, e)
+  else:
+    callback(outputs, None)
 
 
 def _check_input_names(signature, inputs):

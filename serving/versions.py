@@ -7,12 +7,18 @@ version policy (latest N / all / specific) picks the aspired ones. New
 versions are loaded before the served set is swapped in one assignment, so
 in-flight requests keep the version they resolved; removed versions are
 dropped from the set and freed once their last request finishes.
+
+The model list itself can change while serving (`ModelManager.reconfigure`,
+from a re-read --model_config_file or gRPC HandleReloadConfigRequest): added
+models are loaded, removed ones unloaded, and changed version policies and
+labels applied, with the same load-then-swap rule.
 """
 
 import dataclasses
 import logging
 import os
 import threading
+import time
 from typing import Dict, Optional, Tuple
 
 from google.protobuf import text_format
@@ -54,6 +60,11 @@ def parse_model_config_text(text, where='model_config_file'):
     text_format.Parse(text, config)
   except text_format.ParseError as e:
     raise ValueError(f'{where}: {e}') from None
+  return model_configs(config, where)
+
+
+def model_configs(config, where='model server config'):
+  """ModelConfigs from a ModelServerConfig proto; ValueError if invalid."""
   if config.WhichOneof('config') != 'model_config_list':
     raise ValueError(f'{where}: expected a model_config_list')
   models = []
@@ -104,11 +115,12 @@ class _Model:
   """The served versions of one model and what happened to the others."""
 
   def __init__(self, config):
-    self.config = config
+    self.config = config  # replaced by reconfigure, never edited
     self.servables = {}  # version -> ServableVersion; replaced, never edited
     self.status = {}  # version -> VersionStatus
     self.failed = {}  # version -> mtime of the export that failed to load
     self.missing_logged = False
+    self.removed = False  # taken out of the config: statuses only
 
 
 class ModelManager:
@@ -124,7 +136,8 @@ class ModelManager:
 
   @property
   def model_names(self):
-    return list(self._models)
+    return [name for name, model in self._models.items()
+            if not model.removed]
 
   def start(self):
     """Loads what is on disk now, then keeps polling (TF Serving's rules:
@@ -151,7 +164,48 @@ class ModelManager:
   def poll(self):
     with self._lock:
       for model in self._models.values():
-        self._sync(model)
+        if not model.removed:
+          self._sync(model)
+
+  def reconfigure(self, configs):
+    """Serves the models of `configs` from now on, as TF Serving's
+    ReloadConfig: added models are loaded (before this returns), removed
+    ones unloaded, and changed version policies and labels applied. A model
+    whose base path changed is loaded anew, then swapped in."""
+    with self._lock:
+      models = dict(self._models)
+      for config in configs:
+        model = models.get(config.name)
+        if model is None or model.removed or (
+            model.config.base_path != config.base_path):
+          if model is not None and not model.removed:
+            log.info('model %s: base path is now %s', config.name,
+                     config.base_path)
+          fresh = _Model(config)
+          if model is not None:  # earlier versions' states stay reported
+            fresh.status = dict(model.status)
+          self._sync(fresh)
+          if model is not None:
+            self._unload(fresh, set(model.servables) - set(fresh.servables))
+          models[config.name] = fresh
+          log.info('model %s added', config.name)
+        elif model.config != config:
+          model.config = config
+          self._sync(model)
+          log.info('model %s: config updated', config.name)
+      wanted = {config.name for config in configs}
+      for name, model in models.items():
+        if name not in wanted and not model.removed:
+          model.removed = True
+          self._unload(model, set(model.servables))
+          model.servables = {}
+          log.info('model %s removed', name)
+      self._models = models  # one assignment: requests see old or new
+
+  def _unload(self, model, versions):
+    for version in versions:
+      model.status[version] = VersionStatus(END)
+      log.info('unloaded %s version %d', model.config.name, version)
 
   def _sync(self, model):
     candidates = self._candidates(model)
@@ -177,9 +231,7 @@ class ModelManager:
       # Keep serving the old versions rather than nothing.
       return
     model.servables = loaded  # the swap: one reference assignment
-    for version in set(current) - set(loaded):
-      model.status[version] = VersionStatus(END)
-      log.info('unloaded %s version %d', model.config.name, version)
+    self._unload(model, set(current) - set(loaded))
 
   def _candidates(self, model):
     """{version: path} of finished exports, minus ones that failed as is."""
@@ -237,9 +289,10 @@ class ModelManager:
     model = self._model(name)
     servables = model.servables  # one consistent snapshot
     if label is not None:
-      if label not in model.config.labels:
+      labels = model.config.labels  # likewise
+      if label not in labels:
         raise invalid(f'Unrecognized servable version label: {label}')
-      version = model.config.labels[label]
+      version = labels[label]
     if version is None:
       if not servables:
         raise not_found(f'Servable not found for request: Latest({name})')
@@ -254,9 +307,10 @@ class ModelManager:
     """[(version, VersionStatus)] for a model, or one version of it."""
     model = self._model(name)
     if label is not None:
-      if label not in model.config.labels:
+      labels = model.config.labels
+      if label not in labels:
         raise invalid(f'Unrecognized servable version label: {label}')
-      version = model.config.labels[label]
+      version = labels[label]
     status = dict(model.status)  # a copy: the poller may be adding to it
     if version is not None:
       if version not in status:
@@ -268,6 +322,68 @@ class ModelManager:
 
   def config(self, name) -> Optional[ModelConfig]:
     return self._model(name).config
+
+
+class ConfigFilePoller:
+  """Re-reads a --model_config_file every `seconds` and, when its text
+  changed, applies it (ModelManager.reconfigure). A file that cannot be
+  read or parsed is logged, with the reason, and the config in force kept."""
+
+  def __init__(self, path, seconds, manager):
+    self.path = path
+    self.seconds = seconds
+    self.manager = manager
+    self._last = self._read()  # the text the server started from
+    self._stop = threading.Event()
+    self._thread = None
+
+  def start(self):
+    self._thread = threading.Thread(target=self._loop, name='config-poller',
+                                    daemon=True)
+    self._thread.start()
+
+  def stop(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def _loop(self):
+    while not self._stop.wait(self.seconds):
+      try:
+        self.check()
+      except Exception:  # pylint: disable=broad-except
+        log.exception('applying %s failed; keeping the current config',
+                      self.path)
+
+  def _read(self):
+    try:
+      with open(self.path) as f:
+        return f.read()
+    except OSError as e:
+      return e  # compared like text: logged once until it changes
+
+  def check(self):
+    """Applies the file if it changed; True if a new config was applied."""
+    text = self._read()
+    if text == self._last or (isinstance(text, OSError) and isinstance(
+        self._last, OSError) and str(text) == str(self._last)):
+      return False
+    self._last = text
+    if isinstance(text, OSError):
+      log.error('cannot read model config file %s: %s; keeping the current '
+                'config', self.path, text.strerror or text)
+      return False
+    try:
+      configs = parse_model_config_text(text, self.path)
+    except ValueError as e:
+      log.error('model config file not applied: %s; keeping the current '
+                'config', e)
+      return False
+    started = time.monotonic()
+    self.manager.reconfigure(configs)
+    log.info('applied model config file %s (%d models) in %.1fs', self.path,
+             len(configs), time.monotonic() - started)
+    return True
 
 
 def _stamp(path):

@@ -2,12 +2,14 @@
 
 A session fixture trains a LinearClassifier and a LinearRegressor for a few
 steps and exports them with a parsing receiver plus a per-feature ('raw')
-alternative; every answer is compared with calling the SavedModel in process.
+alternative (serving/tiny_models.py, shared with benchmarks/bench_serving.py);
+every answer is compared with calling the SavedModel in process.
 """
 
 import base64
 import concurrent.futures
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
+from google.protobuf import text_format
 
 tf = pytest.importorskip('tensorflow')
 
@@ -28,64 +31,28 @@ tf = pytest.importorskip('tensorflow')
 from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import inference_pb2
+from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.apis import regression_pb2
 
+from serving import tiny_models
 from serving.batching import BatchingOptions, parse_batching_parameters
 from serving.server import ModelServer, ServerOptions
 from serving.versions import ModelConfig, parse_model_config_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = ['a', 'b', 'c', 'd']
 ROWS = [(0.2, 'a'), (0.9, 'b'), (0.5, 'zzz')]  # 'zzz' is out of vocabulary
-
-
-def _train_and_export(kind, work_dir):
-  """Trains a canned linear model for a few steps; returns its export dir."""
-  rng = np.random.RandomState(0)
-  x = rng.rand(64).astype(np.float32)
-  c = np.array(VOCAB * 16)
-  columns = [tf.feature_column.numeric_column('x'),
-             tf.feature_column.categorical_column_with_vocabulary_list(
-                 'c', VOCAB)]
-  config = tf.estimator.RunConfig(model_dir=os.path.join(work_dir, 'model'))
-  if kind == 'classifier':
-    labels = np.where(x > 0.5, 'yes', 'no')
-    estimator = tf.estimator.LinearClassifier(
-        columns, config=config, label_vocabulary=['no', 'yes'])
-  else:
-    labels = (2 * x + (c == 'a')).astype(np.float32)
-    estimator = tf.estimator.LinearRegressor(columns, config=config)
-
-  def input_fn():
-    return tf.data.Dataset.from_tensor_slices(
-        ({'x': x, 'c': c}, labels)).repeat().batch(16)
-
-  estimator.train(input_fn, steps=5)
-  spec = {'x': tf.io.FixedLenFeature([], tf.float32),
-          'c': tf.io.FixedLenFeature([], tf.string, default_value='')}
-  parsing = tf.estimator.export.build_parsing_serving_input_receiver_fn(spec)
-
-  def receiver_fn():
-    receiver = parsing()
-    # Feeding the parsed features directly gives one tensor per feature.
-    return tf.estimator.export.ServingInputReceiver(
-        receiver.features, receiver.receiver_tensors,
-        receiver_tensors_alternatives={'raw': dict(receiver.features)})
-
-  exported = estimator.export_saved_model(os.path.join(work_dir, 'export'),
-                                          receiver_fn)
-  return exported.decode()
 
 
 @pytest.fixture(scope='session')
 def exports(tmp_path_factory):
   """{'classifier': dir, 'regressor': dir} of finished SavedModels."""
   work = tmp_path_factory.mktemp('server_models')
-  return {kind: _train_and_export(kind, str(work / kind))
-          for kind in ('classifier', 'regressor')}
+  return {kind: tiny_models.train_and_export(kind, str(work / kind))
+          for kind in tiny_models.KINDS}
 
 
 @pytest.fixture(scope='session')
@@ -359,6 +326,65 @@ def test_rest_protocol_edge_cases(server):
   assert answer.startswith('HTTP/1.1 411') and 'Content-Length' in answer
 
 
+def _read_responses(sock, count):
+  """`count` (status line, JSON body) answers read from a socket."""
+  data, answers = b'', []
+  while len(answers) < count:
+    head_end = data.find(b'\r\n\r\n')
+    if head_end >= 0:
+      head = data[:head_end].decode()
+      length = int(head.lower().split('content-length:')[1].split()[0])
+      end = head_end + 4 + length
+      if len(data) >= end:
+        answers.append((head.split('\r\n')[0],
+                        json.loads(data[head_end + 4:end])))
+        data = data[end:]
+        continue
+    chunk = sock.recv(65536)
+    assert chunk, f'connection closed after {len(answers)} answers'
+    data += chunk
+  return answers
+
+
+def test_rest_pipelined_and_large_requests(server, local):
+  def post(path, body):
+    data = json.dumps(body).encode()
+    return (f'POST /v1/models/{path} HTTP/1.1\r\nContent-Length: '
+            f'{len(data)}\r\n\r\n').encode() + data
+
+  regress = {'signature_name': 'regression',
+             'examples': [{'x': x, 'c': c} for x, c in ROWS]}
+  # Requests sent back to back on one connection are answered in order,
+  # errors included.
+  with socket.create_connection(('127.0.0.1', server.rest_port), 10) as sock:
+    sock.sendall(post('reg/versions/1:regress', regress) +
+                 b'GET /v1/models/cls HTTP/1.1\r\n\r\n' +
+                 post('nope:regress', regress) +
+                 post('cls:classify', {'examples': [{'x': 0.9}]}))
+    answers = _read_responses(sock, 4)
+  assert [status for status, _ in answers] == [
+      'HTTP/1.1 200 OK', 'HTTP/1.1 200 OK', 'HTTP/1.1 404 Not Found',
+      'HTTP/1.1 200 OK']
+  values = _local_examples(local, 'regressor', 'regression')['outputs']
+  np.testing.assert_allclose(answers[0][1]['results'], values.ravel(),
+                             rtol=1e-6)
+  assert answers[1][1]['model_version_status'][0]['state'] == 'AVAILABLE'
+  assert 'nope' in answers[2][1]['error']
+  assert len(answers[3][1]['results']) == 1
+
+  # A body over 64 KiB is parsed and answered off the event loop.
+  xs = np.linspace(0, 1, 2800).astype(np.float32)
+  body = {'signature_name': 'raw:predict',
+          'inputs': {'x': xs.tolist(), 'c': ['b'] * len(xs)}}
+  assert len(json.dumps(body)) > 64 << 10
+  response = _post(server, 'cls:predict', body)
+  assert response.status_code == 200, response.text
+  expected = local['classifier'].signatures['raw:predict'](
+      x=tf.constant(xs), c=tf.constant(['b'] * len(xs)))
+  np.testing.assert_allclose(response.json()['outputs']['probabilities'],
+                             expected['probabilities'].numpy(), rtol=1e-6)
+
+
 # gRPC
 
 @pytest.fixture(scope='module')
@@ -418,6 +444,99 @@ def test_grpc_classify_regress_with_context(stubs, local):
   values = _local_examples(local, 'regressor', 'regression')['outputs']
   np.testing.assert_allclose([r.value for r in response.result.regressions],
                              values.ravel(), rtol=1e-6)
+
+
+def _multi_inference(model, *tasks, version_label=''):
+  request = inference_pb2.MultiInferenceRequest()
+  for signature, method in tasks:
+    task = request.tasks.add(method_name=f'tensorflow/serving/{method}')
+    task.model_spec.name = model
+    task.model_spec.signature_name = signature
+    task.model_spec.version_label = version_label
+  for x, c in ROWS:
+    request.input.example_list.examples.add().CopyFrom(_example(x, c))
+  return request
+
+
+def test_grpc_multi_inference_answers_like_classify_and_regress(stubs,
+                                                                local):
+  prediction, _ = stubs
+  # A binary classifier exports a regression signature (the logistic) too.
+  response = prediction.MultiInference(_multi_inference(
+      'cls', ('classification', 'classify'), ('regression', 'regress')),
+                                       timeout=30)
+  classified, regressed = response.results
+  assert (classified.model_spec.name, classified.model_spec.signature_name,
+          classified.model_spec.version.value) == ('cls', 'classification', 1)
+  assert regressed.model_spec.signature_name == 'regression'
+  assert classified.WhichOneof('result') == 'classification_result'
+  assert regressed.WhichOneof('result') == 'regression_result'
+
+  # The same answers as Classify and Regress, and as the model in process.
+  classify = classification_pb2.ClassificationRequest()
+  classify.model_spec.name = 'cls'
+  classify.input.CopyFrom(_multi_inference('cls').input)
+  alone = prediction.Classify(classify, timeout=30).result
+  assert classified.classification_result == alone
+  scores = _local_examples(local, 'classifier', 'classification')['scores']
+  np.testing.assert_allclose(
+      [[c.score for c in r.classes]
+       for r in classified.classification_result.classifications],
+      scores, rtol=1e-6)
+  assert [c.label for c in classified.classification_result
+          .classifications[0].classes] == ['no', 'yes']
+  regress = regression_pb2.RegressionRequest()
+  regress.model_spec.name = 'cls'
+  regress.model_spec.signature_name = 'regression'
+  regress.input.CopyFrom(classify.input)
+  assert regressed.regression_result == prediction.Regress(
+      regress, timeout=30).result
+  logistic = _local_examples(local, 'classifier', 'regression')['outputs']
+  np.testing.assert_allclose(
+      [r.value for r in regressed.regression_result.regressions],
+      logistic.ravel(), rtol=1e-6)
+  np.testing.assert_allclose(logistic.ravel(), scores[:, 1], rtol=1e-6)
+
+  # A version label on the first task picks the version, as TF Serving's.
+  response = prediction.MultiInference(_multi_inference(
+      'reg', ('regression', 'regress'), version_label='stable'), timeout=30)
+  assert response.results[0].model_spec.version.value == 1
+  values = _local_examples(local, 'regressor', 'regression')['outputs']
+  np.testing.assert_allclose(
+      [r.value for r in response.results[0].regression_result.regressions],
+      values.ravel(), rtol=1e-6)
+
+
+@pytest.mark.parametrize('tasks,code,message', [
+    ((('classification', 'classify'), ('classification', 'classify')),
+     grpc.StatusCode.INVALID_ARGUMENT,
+     'Duplicate evaluation of signature: classification'),
+    ((('nope', 'classify'),), grpc.StatusCode.INVALID_ARGUMENT,
+     'Requested signature not found in model graph: nope'),
+    ((('predict', 'predict'),), grpc.StatusCode.UNIMPLEMENTED,
+     'Unsupported signature method_name: tensorflow/serving/predict'),
+    ((('regression', 'classify'),), grpc.StatusCode.INVALID_ARGUMENT,
+     'Expected classification signature method_name'),
+    ((), grpc.StatusCode.INVALID_ARGUMENT, 'no tasks'),
+])
+def test_grpc_multi_inference_rejects_bad_tasks(stubs, tasks, code, message):
+  prediction, _ = stubs
+  with pytest.raises(grpc.RpcError) as error:
+    prediction.MultiInference(_multi_inference('cls', *tasks), timeout=30)
+  assert error.value.code() == code
+  assert message in error.value.details()
+
+
+def test_grpc_multi_inference_takes_one_model(stubs):
+  prediction, _ = stubs
+  request = _multi_inference('cls', ('classification', 'classify'))
+  other = request.tasks.add(method_name='tensorflow/serving/regress')
+  other.model_spec.name = 'reg'
+  other.model_spec.signature_name = 'regression'
+  with pytest.raises(grpc.RpcError) as error:
+    prediction.MultiInference(request, timeout=30)
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert 'must access the same model name' in error.value.details()
 
 
 def test_grpc_metadata_and_status(stubs):
@@ -528,6 +647,131 @@ def test_model_config_file_policies_and_labels(tmp_path):
   with pytest.raises(ValueError, match='model_platform'):
     parse_model_config_text('model_config_list { config { name: "a" '
                             'base_path: "/x" model_platform: "onnx" } }')
+
+
+# Model config reload
+
+def _model_config(*models):
+  """ModelServerConfig text of (name, base path, extra fields) entries."""
+  return 'model_config_list {\n' + ''.join(
+      f'  config {{ name: "{name}" base_path: "{base}" {extra} }}\n'
+      for name, base, extra in models) + '}\n'
+
+
+def _rest_regress(srv, path):
+  return _post(srv, f'{path}:regress', {'signature_name': 'regression',
+                                        'examples': [{'x': 0.2, 'c': 'a'}]})
+
+
+def test_model_config_file_is_polled_and_applied(model_root, tmp_path,
+                                                 caplog):
+  config = tmp_path / 'models.config'
+  config.write_text(_model_config(('cls', model_root / 'cls', '')))
+  srv = ModelServer(ServerOptions(
+      models=parse_model_config_text(config.read_text()), grpc_port=None,
+      rest_port=0, poll_wait_seconds=0, model_config_file=str(config),
+      model_config_poll_seconds=0.05)).start()
+  try:
+    assert _rest_regress(srv, 'cls').status_code == 200
+    # Add reg (version 1 only, a label), remove cls: the poller applies it.
+    config.write_text(_model_config(
+        ('reg', model_root / 'reg', 'model_version_policy { specific { '
+         'versions: 1 } } version_labels { key: "stable" value: 1 }')))
+    _wait_for(lambda: srv.manager.model_names == ['reg'], 30)
+    assert _rest_regress(srv, 'reg/labels/stable').status_code == 200
+    assert srv.resolve('reg').version == 1
+    _assert_error(_rest_regress(srv, 'cls'), 404, 'Servable not found')
+    # The removed model's version is reported as unloaded, as TF Serving.
+    status = requests.get(_url(srv, 'cls'), timeout=10).json()
+    assert [s['state'] for s in status['model_version_status']] == ['END']
+
+    # A new policy and label: version 2 is loaded, 1 unloaded.
+    config.write_text(_model_config(
+        ('reg', model_root / 'reg', 'model_version_policy { specific { '
+         'versions: 2 } } version_labels { key: "canary" value: 2 }')))
+    _wait_for(lambda: srv.resolve('reg').version == 2, 30)
+    assert dict(srv.statuses('reg'))[1].state == 'END'
+    assert _rest_regress(srv, 'reg/labels/canary').status_code == 200
+    _assert_error(_rest_regress(srv, 'reg/labels/stable'), 400,
+                  'Unrecognized servable version label: stable')
+
+    # A bad file is logged with its reason; the config in force stays.
+    with caplog.at_level(logging.ERROR, logger='estpipe'):
+      config.write_text(_model_config(
+          ('reg', model_root / 'reg', ''), ('reg', model_root / 'cls', '')))
+      _wait_for(lambda: 'not applied' in caplog.text, 30)
+    assert 'model names must be unique, repeated: reg' in caplog.text
+    assert 'keeping the current config' in caplog.text
+    assert srv.manager.model_names == ['reg']
+    assert srv.resolve('reg', label='canary').version == 2
+    assert _rest_regress(srv, 'reg').status_code == 200
+  finally:
+    srv.stop(grace=5)
+
+
+def test_model_config_reload_keeps_serving_a_moved_model(model_root,
+                                                         tmp_path):
+  moved = tmp_path / 'moved'
+  shutil.copytree(model_root / 'reg' / '1', moved / '7')
+  srv = ModelServer(ServerOptions(
+      models=[ModelConfig('reg', str(model_root / 'reg'))], grpc_port=None,
+      rest_port=None, poll_wait_seconds=0)).start()
+  try:
+    before = srv.resolve('reg')
+    assert before.version == 2
+    srv.reload_config([ModelConfig('reg', str(moved))])
+    # Loaded before the swap: the call returns with the new base path served.
+    assert srv.resolve('reg').version == 7
+    assert srv.resolve('reg').path == str(moved / '7')
+    assert dict(srv.statuses('reg'))[2].state == 'END'
+    # The same config again changes nothing.
+    served = srv.resolve('reg')
+    srv.reload_config([ModelConfig('reg', str(moved))])
+    assert srv.resolve('reg') is served
+  finally:
+    srv.stop(grace=5)
+
+
+def test_grpc_handle_reload_config_request(model_root):
+  srv = ModelServer(ServerOptions(
+      models=[ModelConfig('cls', str(model_root / 'cls'))], grpc_port=0,
+      rest_port=None, poll_wait_seconds=0)).start()
+  channel = grpc.insecure_channel(f'127.0.0.1:{srv.grpc_port}')
+  try:
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    request = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(_model_config(
+        ('cls', model_root / 'cls', ''),
+        ('reg', model_root / 'reg', 'model_version_policy { all {} } '
+         'version_labels { key: "canary" value: 2 }')), request.config)
+    response = stub.HandleReloadConfigRequest(request, timeout=60)
+    assert response.status.error_code == 0
+    # The added model answers at once: loading finished before the reply.
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = 'reg'
+    states = {s.version: s.state for s in
+              stub.GetModelStatus(status, timeout=30).model_version_status}
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert states == {1: available, 2: available}
+    assert srv.resolve('reg', label='canary').version == 2
+
+    bad = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(_model_config(('x', '', '')), bad.config)
+    with pytest.raises(grpc.RpcError) as error:
+      stub.HandleReloadConfigRequest(bad, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'base_path is required' in error.value.details()
+    bad = model_management_pb2.ReloadConfigRequest()
+    bad.config.custom_model_config.Pack(
+        model_management_pb2.ReloadConfigRequest())
+    with pytest.raises(grpc.RpcError) as error:
+      stub.HandleReloadConfigRequest(bad, timeout=30)
+    assert 'Only ModelConfigList is currently supported' in (
+        error.value.details())
+    assert srv.manager.model_names == ['cls', 'reg']  # unchanged
+  finally:
+    channel.close()
+    srv.stop(grace=5)
 
 
 # Versions
@@ -692,12 +936,15 @@ def test_serve_flags_become_server_options(tmp_path):
              version_labels {{ key: "stable" value: 1 }} }} }}''')
   options = serve_options(_serve_args(
       f'--model_config_file={config}', '--port=9000', '--rest_api_port=0',
-      '--enable_batching=true', '--host=0.0.0.0'))
+      '--enable_batching=true', '--host=0.0.0.0',
+      '--model_config_file_poll_wait_seconds=30'))
   (model,) = options.models
   assert (model.name, model.policy, model.labels) == ('a', 'all',
                                                       {'stable': 1})
   assert options.grpc_port == 9000 and options.rest_port is None
   assert options.host == '0.0.0.0' and options.batching is not None
+  assert (options.model_config_file, options.model_config_poll_seconds) == (
+      str(config), 30)
   options = serve_options(_serve_args('--model_name=m',
                                       f'--model_base_path={tmp_path / "a"}'))
   assert options.models[0].name == 'm' and options.batching is None
@@ -712,7 +959,12 @@ def test_serve_flags_become_server_options(tmp_path):
         f'--batching_parameters_file={config}'], 'needs --enable_batching'),
       ([f'--model_config_file={tmp_path / "none"}'], 'cannot read'),
       ([f'--model_base_path={tmp_path}',
-        '--file_system_poll_wait_seconds=-1'], 'must be >= 0')):
+        '--file_system_poll_wait_seconds=-1'], 'must be >= 0'),
+      ([f'--model_config_file={config}',
+        '--model_config_file_poll_wait_seconds=-1'], 'must be >= 0'),
+      ([f'--model_base_path={tmp_path}',
+        '--model_config_file_poll_wait_seconds=5'],
+       'needs --model_config_file')):
     with pytest.raises(UserError, match=message):
       serve_options(_serve_args(*flags))
 
