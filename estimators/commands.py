@@ -1,8 +1,8 @@
 """`estpipe train` and `estpipe evaluate`."""
 
 import logging
-import os
 
+from pipeline import fs
 from pipeline import runrecord
 from pipeline.cli import add_config_args, config_from_args
 
@@ -78,7 +78,7 @@ def _evaluate(args):
   config = config_from_args(args)
   result = train.evaluate(config, args.checkpoint, args.slices)
   output = args.output or config.path('evaluation.json')
-  runrecord.write_json(os.path.abspath(output), result)
+  runrecord.write_json(fs.abspath(output), result)
   runrecord.append_history(config.run_dir, 'evaluate', 'succeeded', {
       'global_step': result['global_step'], 'output': output,
       'metrics': _headline(result['metrics'])})

@@ -65,8 +65,8 @@ class ProgressHook(tf.estimator.SessionRunHook):
   def _latest_eval(self):
     """(step, metrics) of the newest evaluation; re-read only on change."""
     files = tf.io.gfile.glob(os.path.join(self._eval_dir, 'events.out.*'))
-    stamp = tuple(sorted((f, os.path.getmtime(f)) for f in files
-                         if os.path.exists(f)))
+    stamp = tuple(sorted((f, tf.io.gfile.stat(f).mtime_nsec) for f in files
+                         if tf.io.gfile.exists(f)))
     if stamp != self._eval_stamp:
       self._eval_stamp = stamp
       try:

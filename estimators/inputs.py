@@ -6,10 +6,9 @@ spec (one parse op per batch, not per example), and the pipeline prefetches so
 that the next batch is ready while the model steps.
 """
 
-import glob
-
 import tensorflow as tf
 
+from pipeline import fs
 from pipeline.cli import UserError
 
 # How the label reaches the model:
@@ -21,7 +20,7 @@ LABEL_FORMATS = ('names', 'index', 'keras')
 
 
 def data_files(config, split):
-  files = sorted(glob.glob(config.data_pattern(split)))
+  files = fs.glob(config.data_pattern(split))
   if not files:
     raise UserError(f'no {split} data at {config.data_pattern(split)}: run '
                     '`estpipe preprocess` on this config first')

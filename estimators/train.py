@@ -24,6 +24,7 @@ from estimators import hooks
 from estimators import inputs
 from estimators import models
 from estimators import runconfig
+from pipeline import fs
 from pipeline import runrecord
 from pipeline.cli import UserError
 
@@ -33,7 +34,7 @@ METRICS_FILE = 'metrics.json'
 
 
 def load_tft_output(config):
-  if not os.path.exists(config.path('preprocess.json')):
+  if not fs.exists(config.path('preprocess.json')):
     raise UserError(f'{config.run_dir} is not preprocessed (no '
                     'preprocess.json): run `estpipe preprocess` first')
   return tft.TFTransformOutput(config.transform_dir)
@@ -73,12 +74,12 @@ def warm_start_settings(config):
   source = config.train.warm_start_from
   if not source:
     return None
-  if os.path.isdir(os.path.join(source, 'model')):
+  if fs.isdir(os.path.join(source, 'model')):
     source = os.path.join(source, 'model')
   checkpoint = tf.train.latest_checkpoint(source)
   if checkpoint is None:
     raise UserError(f'train.warm_start_from: no checkpoint in {source}')
-  if os.path.abspath(source) == os.path.abspath(config.model_dir):
+  if fs.abspath(source) == fs.abspath(config.model_dir):
     raise UserError('train.warm_start_from is this run\'s own model '
                     'directory: re-running train resumes it anyway')
   names = [name for name, _ in tf.train.list_variables(checkpoint)

@@ -9,25 +9,25 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import socket
 import uuid
+
+from pipeline import fs
 
 _STAGING = '.staging'
 
 
 def write_json(path, obj):
   """Writes JSON so that readers see the old file or the new one, never half."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fs.makedirs(os.path.dirname(fs.abspath(path)))
   tmp = f'{path}.tmp-{uuid.uuid4().hex}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.write('\n')
-  os.replace(tmp, path)
+  with fs.open_file(tmp, 'w') as f:
+    f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + '\n')
+  fs.replace(tmp, path)
 
 
 def read_json(path):
-  with open(path) as f:
+  with fs.open_file(path) as f:
     return json.load(f)
 
 
@@ -44,11 +44,8 @@ def staging_dir(run_dir, stage):
   try:
     yield path
   finally:
-    shutil.rmtree(path, ignore_errors=True)
-    try:
-      os.rmdir(root)
-    except OSError:  # another stage is staging, or it is already gone
-      pass
+    fs.rmtree(path)
+    fs.rmdir_if_empty(root)  # unless another stage is staging
 
 
 def _make_staging(path):
@@ -56,7 +53,7 @@ def _make_staging(path):
   # makedirs creating it and creating `path` in it: create it again.
   for attempt in range(3):
     try:
-      os.makedirs(path)
+      fs.makedirs(path)
       return
     except FileNotFoundError:
       if attempt == 2:
@@ -65,13 +62,13 @@ def _make_staging(path):
 
 def publish(src, dst):
   """Moves a finished output into place, replacing an older one."""
-  if os.path.isdir(dst):
+  if fs.isdir(dst):
     old = f'{dst}.old-{uuid.uuid4().hex[:8]}'
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    fs.replace(dst, old)
+    fs.replace(src, dst)
+    fs.rmtree(old)
   else:
-    os.replace(src, dst)
+    fs.replace(src, dst)
 
 
 def now():
@@ -81,10 +78,10 @@ def now():
 
 def append_history(run_dir, stage, status, summary=None):
   """One line per stage run in RUN_DIR/history.jsonl: the run record."""
-  os.makedirs(run_dir, exist_ok=True)
+  fs.makedirs(run_dir)
   line = {'stage': stage, 'status': status, 'time': now(),
           'host': socket.gethostname(), 'pid': os.getpid()}
   if summary:
     line['summary'] = summary
-  with open(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
+  with fs.open_file(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
     f.write(json.dumps(line, sort_keys=True, default=str) + '\n')

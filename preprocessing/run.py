@@ -1,9 +1,9 @@
 """`estpipe preprocess`: run the job in staging, check it, publish it."""
 
-import glob
 import logging
 import os
 
+from pipeline import fs
 from pipeline import runrecord
 from preprocessing import beam_pipeline
 
@@ -20,7 +20,7 @@ def marker_path(config):
 
 
 def is_complete(config):
-  return os.path.exists(marker_path(config))
+  return fs.exists(marker_path(config))
 
 
 def preprocess(config, beam_args=()):
@@ -29,7 +29,7 @@ def preprocess(config, beam_args=()):
   Outputs appear only when the job succeeded: until then they live in a
   staging folder, and preprocess.json (the completeness marker) comes last.
   """
-  os.makedirs(config.run_dir, exist_ok=True)
+  fs.makedirs(config.run_dir)
   runrecord.append_history(config.run_dir, 'preprocess', 'started')
   with runrecord.staging_dir(config.run_dir, 'preprocess') as stage:
     try:
@@ -63,8 +63,8 @@ def preprocess(config, beam_args=()):
 
 
 def _publish(config, stage):
-  if os.path.exists(marker_path(config)):
-    os.remove(marker_path(config))
+  if fs.exists(marker_path(config)):
+    fs.remove(marker_path(config))
   for name in OUTPUTS:
     runrecord.publish(os.path.join(stage, name), config.path(name))
 
@@ -81,7 +81,7 @@ def read_rejects(config):
   """All reject records of the last run (a list of dicts)."""
   import json  # pylint: disable=g-import-not-at-top
   records = []
-  for path in sorted(glob.glob(config.path('rejects', '*.jsonl'))):
-    with open(path) as f:
+  for path in fs.glob(config.path('rejects', '*.jsonl')):
+    with fs.open_file(path) as f:
       records.extend(json.loads(line) for line in f if line.strip())
   return records

@@ -23,12 +23,12 @@ import gc
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
 
 import tensorflow as tf
 
+from pipeline import fs
 from pipeline import runrecord
 
 log = logging.getLogger('estpipe')
@@ -197,11 +197,11 @@ def serving_input_receiver_fn(config):
 
 def list_versions(export_dir):
   """Integer version folders under export_dir, ascending."""
-  if not os.path.isdir(export_dir):
+  if not fs.isdir(export_dir):
     return []
-  return sorted(int(n) for n in os.listdir(export_dir)
+  return sorted(int(n) for n in fs.listdir(export_dir)
                 if n.isdigit() and
-                os.path.isdir(os.path.join(export_dir, n)))
+                fs.isdir(os.path.join(export_dir, n)))
 
 
 def version_dir(config, version=None):
@@ -219,7 +219,7 @@ def version_dir(config, version=None):
 
 def read_metadata(path):
   meta_path = os.path.join(path, METADATA_FILE)
-  if not os.path.exists(meta_path):
+  if not fs.exists(meta_path):
     return {}
   return runrecord.read_json(meta_path)
 
@@ -235,15 +235,16 @@ def _next_version(export_dir):
 
 def _publish_version(staged, export_dir):
   """Renames a finished SavedModel to export_dir/<version>, atomically."""
-  os.makedirs(export_dir, exist_ok=True)
+  fs.makedirs(export_dir)
   while True:
     version = _next_version(export_dir)
     target = os.path.join(export_dir, str(version))
-    try:
-      os.mkdir(target)  # claim the number; rename replaces an empty folder
-    except FileExistsError:
+    # Claim the number; a local rename replaces the empty folder.
+    if not fs.claim_dir(target):
       continue
-    os.replace(staged, target)
+    if fs.is_remote(target):
+      fs.rmtree(target)  # object stores rename onto no folder
+    fs.replace(staged, target)
     return version, target
 
 
@@ -251,13 +252,17 @@ def remove_version(export_dir, version):
   """Deletes one version; TF Serving never sees it half deleted."""
   path = os.path.join(export_dir, str(version))
   doomed = os.path.join(export_dir, f'.deleting-{version}-{uuid.uuid4().hex}')
-  os.replace(path, doomed)
-  shutil.rmtree(doomed, ignore_errors=True)
+  fs.replace(path, doomed)
+  fs.rmtree(doomed)
 
 
 def _global_step(checkpoint_path):
+  # A reader of the checkpoint prefix itself: load_variable first asks
+  # whether the path is a folder, which some object stores answer yes for a
+  # prefix of other objects ('model.ckpt-30' of 'model.ckpt-30.index').
   try:
-    return int(tf.train.load_variable(checkpoint_path, 'global_step'))
+    reader = tf.compat.v1.train.NewCheckpointReader(checkpoint_path)
+    return int(reader.get_tensor('global_step'))
   except (tf.errors.NotFoundError, ValueError):
     return None
 
@@ -421,7 +426,7 @@ def make_exporters(config):
 
 def export_checkpoint(config, checkpoint_path=None):
   """`estpipe export`: one checkpoint (default: the latest) -> a version."""
-  if not os.path.exists(config.path('preprocess.json')):
+  if not fs.exists(config.path('preprocess.json')):
     raise FileNotFoundError(f'{config.run_dir} is not preprocessed (no '
                             'preprocess.json): run `estpipe preprocess`')
   checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 
+from pipeline import fs
 from pipeline.cli import UserError, add_config_args, config_from_args
 
 log = logging.getLogger('estpipe')
@@ -72,9 +73,9 @@ def _add_export_choice(parser):
 def _chosen_export(config, args):
   from serving import export  # pylint: disable=g-import-not-at-top
   if args.export_path:
-    if not os.path.exists(os.path.join(args.export_path, 'saved_model.pb')):
+    if not fs.exists(os.path.join(args.export_path, 'saved_model.pb')):
       raise UserError(f'{args.export_path} is not a SavedModel folder')
-    return os.path.abspath(args.export_path)
+    return fs.abspath(args.export_path)
   try:
     return export.version_dir(config, args.version)
   except FileNotFoundError as e:

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from pipeline import fs
 from preprocessing import rows as rows_lib
 from serving import export
 from serving import raw_examples
@@ -243,6 +244,6 @@ def verify_export(config, path=None, max_rows=None, batch_size=1024):
     checked[name] = compare(name, got, expected, rows)
     log.info('signature %s matches on %d rows (max |diff| %.3g)', name,
              len(rows), max(checked[name].values()))
-  return {'export': os.path.abspath(path), 'checkpoint': checkpoint,
+  return {'export': fs.abspath(path), 'checkpoint': checkpoint,
           'rows': len(rows), 'rejected': rejected,
           'max_abs_diff': checked}
