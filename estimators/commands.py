@@ -1,10 +1,20 @@
-"""`estpipe train` and `estpipe evaluate`."""
+"""`estpipe train`, `evaluate`, `export` and `verify-export`.
 
+These commands wire the trainer to the serving stage's export library
+(serving/export.py, serving/verify.py): training hands the exporters to
+`train.train`, and export and verify get the Estimator from here, so neither
+package imports the other back. TensorFlow is imported when a command runs,
+so `estpipe --help` stays fast.
+"""
+
+import json
 import logging
 
 from pipeline import fs
 from pipeline import runrecord
-from pipeline.cli import add_config_args, config_from_args
+from pipeline.args import (add_config_args, add_export_choice, chosen_export,
+                           config_from_args, register_stage)
+from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
 
@@ -37,24 +47,54 @@ def register(subparsers):
                       'RUN_DIR/evaluation.json)')
   parser.set_defaults(func=_evaluate)
 
+  parser = subparsers.add_parser(
+      'export', help='export a checkpoint as a SavedModel for TF Serving',
+      description='Export the latest checkpoint of RUN_DIR/model (or '
+      '--checkpoint) to RUN_DIR/export/<version>, with the tf.Transform '
+      'graph inside: clients send raw features.')
+  add_config_args(parser)
+  parser.add_argument('--checkpoint', default=None,
+                      help='checkpoint path prefix (default: the latest)')
+  parser.set_defaults(func=_export)
 
-def _quiet_deprecations(args):
+  parser = subparsers.add_parser(
+      'verify-export', help='training/serving skew check of an export',
+      description='Feed the raw eval rows through the exported signatures '
+      'and check that every prediction equals the Estimator\'s on the '
+      'transformed rows (to 1e-5). Exits 1 at the first differing row.')
+  add_config_args(parser)
+  add_export_choice(parser)
+  parser.add_argument('--max_rows', type=int, default=None,
+                      help='check only the first N eval rows')
+  parser.set_defaults(func=_verify)
+
+  register_stage('train', run_train)
+  register_stage('export', run_export)
+
+
+def _quiet_deprecations(verbose):
   """tf.estimator warns on every call that it is deprecated: say it once."""
   # Progress lines are INFO; keep them whatever the root logger's level is.
   log.setLevel(logging.INFO)
-  if not args.verbose:
+  if not verbose:
     from tensorflow.python.util import deprecation  # pylint: disable=g-import-not-at-top
     deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
 
 
 def _train(args):
+  return run_train(config_from_args(args), args.extra, args.verbose)
+
+
+def run_train(config, beam_args=(), verbose=False):
+  """The train stage: train_and_evaluate with the serving stage's exporters."""
+  del beam_args  # training runs no Beam job
   from estimators import runconfig  # pylint: disable=g-import-not-at-top
   from estimators import train  # pylint: disable=g-import-not-at-top
-  _quiet_deprecations(args)
-  config = config_from_args(args)
+  from serving import export  # pylint: disable=g-import-not-at-top
+  _quiet_deprecations(verbose)
   chief = runconfig.task_type() in (None, 'chief')
   try:
-    record = train.train(config)
+    record = train.train(config, export.make_exporters(config))
   except BaseException as e:
     if chief and not isinstance(e, KeyboardInterrupt):
       runrecord.append_history(config.run_dir, 'train', 'failed',
@@ -68,16 +108,16 @@ def _train(args):
       'metrics': _headline(record['metrics'])})
   log.info('trained to step %d: %s (%s)', record['global_step'],
            _format(_headline(record['metrics'])),
-           config.path(train.METRICS_FILE))
+           config.rundir.metrics)
   return 0
 
 
 def _evaluate(args):
   from estimators import train  # pylint: disable=g-import-not-at-top
-  _quiet_deprecations(args)
+  _quiet_deprecations(args.verbose)
   config = config_from_args(args)
   result = train.evaluate(config, args.checkpoint, args.slices)
-  output = args.output or config.path('evaluation.json')
+  output = args.output or config.rundir.evaluation
   runrecord.write_json(fs.abspath(output), result)
   runrecord.append_history(config.run_dir, 'evaluate', 'succeeded', {
       'global_step': result['global_step'], 'output': output,
@@ -89,6 +129,47 @@ def _evaluate(args):
       log.info('  %s=%s: %s', name, value, _format(metrics))
   log.info('wrote %s', output)
   return 0
+
+
+def _export(args):
+  _quiet_deprecations(args.verbose)
+  print(run_export(config_from_args(args), checkpoint=args.checkpoint))
+
+
+def run_export(config, beam_args=(), verbose=False, checkpoint=None):
+  """The export stage: one checkpoint (default: the latest) -> a version."""
+  del beam_args, verbose
+  from estimators import train  # pylint: disable=g-import-not-at-top
+  from serving import export  # pylint: disable=g-import-not-at-top
+  try:
+    path = export.export_checkpoint(
+        config, lambda c: train.build_estimator(c, warm_start=False),
+        checkpoint)
+  except (UserError, FileNotFoundError, ValueError) as e:
+    runrecord.append_history(config.run_dir, 'export', 'failed',
+                             {'error': str(e)})
+    raise UserError(str(e)) from None
+  runrecord.append_history(config.run_dir, 'export', 'succeeded',
+                           {'path': path})
+  return path
+
+
+def _verify(args):
+  from estimators import train  # pylint: disable=g-import-not-at-top
+  from serving import verify  # pylint: disable=g-import-not-at-top
+  _quiet_deprecations(args.verbose)
+  config = config_from_args(args)
+  path = chosen_export(config, args)
+  try:
+    summary = verify.verify_export(config, train.predict_transformed, path,
+                                   max_rows=args.max_rows)
+  except (verify.SkewError, ValueError, FileNotFoundError) as e:
+    runrecord.append_history(config.run_dir, 'verify-export', 'failed',
+                             {'export': path, 'error': str(e)})
+    raise UserError(str(e))
+  runrecord.append_history(config.run_dir, 'verify-export', 'succeeded',
+                           summary)
+  print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 _HEADLINE = ('accuracy', 'auc', 'precision', 'recall', 'rmse', 'mae',

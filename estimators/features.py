@@ -20,7 +20,7 @@ import collections
 
 import tensorflow as tf
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 CATEGORICAL_TRANSFORMS = ('vocabulary', 'bucketize', 'hash')
 

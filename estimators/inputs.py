@@ -9,7 +9,7 @@ that the next batch is ready while the model steps.
 import tensorflow as tf
 
 from pipeline import fs
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 # How the label reaches the model:
 #   names: class-name strings (canned Estimators with label_vocabulary, so
@@ -20,9 +20,9 @@ LABEL_FORMATS = ('names', 'index', 'keras')
 
 
 def data_files(config, split):
-  files = fs.glob(config.data_pattern(split))
+  files = fs.glob(config.rundir.data_pattern(split))
   if not files:
-    raise UserError(f'no {split} data at {config.data_pattern(split)}: run '
+    raise UserError(f'no {split} data at {config.rundir.data_pattern(split)}: run '
                     '`estpipe preprocess` on this config first')
   return files
 

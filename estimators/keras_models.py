@@ -10,7 +10,7 @@ the hidden layers. The output layer is named like the canned predictions:
 
 import tensorflow as tf
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 @tf.keras.utils.register_keras_serializable(package='estpipe')

@@ -18,16 +18,13 @@ custom model_fn builds them from its logits, Keras Estimators from the
 model's output (`_with_canned_exports`).
 """
 
-import importlib.util
 import logging
-import os
-import sys
 
 import tensorflow as tf
 
 from estimators import keras_models
-from pipeline.cli import UserError
-from pipeline.config import ConfigError
+from pipeline import modules
+from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
 
@@ -192,7 +189,7 @@ def _keras(config, columns, run_config):
     if not isinstance(model, tf.keras.Model):
       raise UserError(f'{config.model.module}: build_keras_model returned '
                       f'{type(model).__name__}, expected a tf.keras.Model')
-    module = sys.modules[_user_module_name(config.model.module)]
+    module = modules.load_module(config.model.module, 'model.module')
     custom_objects.update(getattr(module, 'CUSTOM_OBJECTS', {}))
   else:
     model = keras_models.build(config, columns)
@@ -461,36 +458,14 @@ def _summaries(task, logits, predictions):
 
 # --- user modules ----------------------------------------------------------------
 
-def _user_module_name(path):
-  return 'estpipe_user_model_' + os.path.splitext(os.path.basename(path))[0]
-
-
-def load_user_module(path):
-  name = _user_module_name(path)
-  if name in sys.modules:
-    return sys.modules[name]
-  spec = importlib.util.spec_from_file_location(name, path)
-  if spec is None:
-    raise ConfigError('model.module', f'cannot import {path}')
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:
-    del sys.modules[name]
-    raise UserError(f'{path}: importing the model module failed: '
-                    f'{type(e).__name__}: {e}') from e
-  return module
+_USER_FUNCTIONS = {
+    'model_fn': 'model_fn(features, labels, mode, params, config) for '
+                'model.type custom',
+    'build_keras_model': 'build_keras_model(config, columns) for model.type '
+                         'keras',
+}
 
 
 def load_user_function(config, name):
-  module = load_user_module(config.model.module)
-  fn = getattr(module, name, None)
-  if not callable(fn):
-    expected = {'model_fn': 'model_fn(features, labels, mode, params, config)'
-                ' for model.type custom',
-                'build_keras_model': 'build_keras_model(config, columns) for '
-                'model.type keras'}[name]
-    raise UserError(f'{config.model.module} defines no {name}: expected '
-                    f'{expected}')
-  return fn
+  return modules.load_function(config.model.module, 'model.module', name,
+                               _USER_FUNCTIONS[name])

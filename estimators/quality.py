@@ -18,8 +18,9 @@ import shutil
 import sys
 import time
 
-from pipeline.cli import UserError
-from pipeline.config import ConfigError, load_config
+from pipeline.errors import UserError
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 ALL_TYPES = ('baseline', 'linear', 'dnn', 'wide_deep', 'custom',
              'keras:sequential', 'keras:functional', 'keras:subclassed')
@@ -37,7 +38,7 @@ def scratch_run(config, run_dir, kind):
   shutil.rmtree(run_dir, ignore_errors=True)
   os.makedirs(run_dir)
   for item in ('transform', 'data', 'preprocess.json'):
-    os.symlink(os.path.abspath(config.path(item)),
+    os.symlink(os.path.abspath(config.rundir.path(item)),
                os.path.join(run_dir, item))
   derived.run_dir = run_dir
   derived.model.type = model_type
@@ -49,7 +50,7 @@ def scratch_run(config, run_dir, kind):
 
 def scratch_config(config, kind):
   """`config` training `kind` (type or keras:style) in RUN_DIR/quality/."""
-  derived = scratch_run(config, config.path('quality', kind.replace(':', '-')),
+  derived = scratch_run(config, config.rundir.path('quality', kind.replace(':', '-')),
                         kind)
   derived.validate(check_columns=False)
   return derived

@@ -22,7 +22,7 @@ import os
 
 import tensorflow as tf
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 MULTI_WORKER = ('multi_worker_mirrored', 'parameter_server')
 
@@ -129,7 +129,7 @@ def make_run_config(config, distribute=True):
   train = config.train
   strategy = make_strategy(config) if distribute else None
   return tf.estimator.RunConfig(
-      model_dir=config.model_dir,
+      model_dir=config.rundir.model,
       tf_random_seed=train.seed,
       save_summary_steps=train.save_summary_steps,
       save_checkpoints_steps=train.save_checkpoints_steps,

@@ -25,8 +25,9 @@ from estimators import inputs
 from estimators import models
 from estimators import runconfig
 from pipeline import fs
+from pipeline import rundir
 from pipeline import runrecord
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
 
@@ -34,10 +35,8 @@ METRICS_FILE = 'metrics.json'
 
 
 def load_tft_output(config):
-  if not fs.exists(config.path('preprocess.json')):
-    raise UserError(f'{config.run_dir} is not preprocessed (no '
-                    'preprocess.json): run `estpipe preprocess` first')
-  return tft.TFTransformOutput(config.transform_dir)
+  layout = rundir.require_preprocessed(config.rundir)
+  return tft.TFTransformOutput(layout.transform)
 
 
 def build_estimator(config, run_config=None, tft_output=None,
@@ -79,7 +78,7 @@ def warm_start_settings(config):
   checkpoint = tf.train.latest_checkpoint(source)
   if checkpoint is None:
     raise UserError(f'train.warm_start_from: no checkpoint in {source}')
-  if fs.abspath(source) == fs.abspath(config.model_dir):
+  if fs.abspath(source) == fs.abspath(config.rundir.model):
     raise UserError('train.warm_start_from is this run\'s own model '
                     'directory: re-running train resumes it anyway')
   names = [name for name, _ in tf.train.list_variables(checkpoint)
@@ -107,24 +106,17 @@ def train_steps(config):
 
 def _train_example_count(config):
   try:
-    summary = runrecord.read_json(config.path('preprocess.json'))
+    summary = runrecord.read_json(config.rundir.preprocess_summary)
     return int(summary['splits']['train']['written'])
   except (OSError, KeyError, TypeError, ValueError):
     return inputs.count_examples(inputs.data_files(config, 'train'))
 
 
-def exporters(config):
-  """The serving stage's exporters, when that stage is installed."""
-  try:
-    from serving import export  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    log.warning('serving.export is not available: no SavedModel exports')
-    return []
-  return export.make_exporters(config)
-
-
-def train(config):
+def train(config, exporters=()):
   """Trains (or resumes) and evaluates; returns the final metrics or None.
+
+  `exporters` (tf.estimator.Exporter) run after each evaluation; the
+  training command hands over the serving stage's (serving/export.py).
 
   In a cluster only the chief (or a local run) writes metrics.json; ps tasks
   serve until they are stopped, and workers and the evaluator return None.
@@ -146,7 +138,7 @@ def train(config):
   train_spec = tf.estimator.TrainSpec(train_input, max_steps=max_steps,
                                       hooks=train_hooks)
   eval_spec = tf.estimator.EvalSpec(
-      eval_input, steps=config.train.eval_steps, exporters=exporters(config),
+      eval_input, steps=config.train.eval_steps, exporters=list(exporters),
       start_delay_secs=config.train.eval_start_delay_secs,
       throttle_secs=config.train.eval_throttle_secs)
   _log_role(config, task, max_steps)
@@ -163,7 +155,7 @@ def train(config):
 
 
 def _log_role(config, task, max_steps):
-  what = f'{config.model.type} ({config.label.task}) in {config.model_dir}'
+  what = f'{config.model.type} ({config.label.task}) in {config.rundir.model}'
   if task == 'ps':
     log.info('ps task serving the variables of %s; it runs until stopped',
              what)
@@ -179,7 +171,7 @@ def write_metrics(config, metrics, checkpoint):
   record = {'model_type': config.model.type, 'task': config.label.task,
             'global_step': int(metrics['global_step']),
             'checkpoint': checkpoint, 'metrics': to_json(metrics)}
-  runrecord.write_json(config.path(METRICS_FILE), record)
+  runrecord.write_json(config.rundir.metrics, record)
   return record
 
 
@@ -189,17 +181,43 @@ def to_json(metrics):
           if isinstance(v, (int, float, np.generic))}
 
 
+def predict_transformed(config, checkpoint, batches):
+  """The Estimator's predictions on transformed batches: {key: array}.
+
+  What verify-export compares an export's signatures against.
+  """
+  estimator = build_estimator(config, warm_start=False)
+
+  def input_fn():
+    def gen():
+      for batch in batches:
+        yield batch
+    first = batches[0]
+    signature = {k: (tf.SparseTensorSpec([None, None], v.dtype)
+                     if isinstance(v, tf.SparseTensor) else
+                     tf.TensorSpec([None] + v.shape[1:].as_list(), v.dtype))
+                 for k, v in first.items()}
+    return tf.data.Dataset.from_generator(gen, output_signature=signature)
+
+  outputs = {}
+  for batch in estimator.predict(input_fn, checkpoint_path=checkpoint,
+                                 yield_single_examples=False):
+    for key, value in batch.items():
+      outputs.setdefault(key, []).append(np.asarray(value))
+  return {k: np.concatenate(v) for k, v in outputs.items()}
+
+
 # --- evaluate ---------------------------------------------------------------------
 
 def resolve_checkpoint(config, checkpoint):
   """A checkpoint path from None (latest), a step number, or a path."""
   if checkpoint is None:
-    path = tf.train.latest_checkpoint(config.model_dir)
+    path = tf.train.latest_checkpoint(config.rundir.model)
     if path is None:
-      raise UserError(f'no checkpoint in {config.model_dir}: train first')
+      raise UserError(f'no checkpoint in {config.rundir.model}: train first')
     return path
   if str(checkpoint).isdigit():
-    path = os.path.join(config.model_dir, f'model.ckpt-{checkpoint}')
+    path = os.path.join(config.rundir.model, f'model.ckpt-{checkpoint}')
   else:
     path = checkpoint
   if not tf.compat.v1.train.checkpoint_exists(path):

@@ -11,24 +11,11 @@ import importlib
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.errors import ConfigError, UserError
 
 # Stage packages that contribute subcommands, in the order --help lists them.
 _COMMAND_MODULES = ('preprocessing.commands', 'estimators.commands',
                     'serving.commands', 'pipeline.commands')
-
-
-def add_config_args(parser):
-  """The arguments every config-driven command takes."""
-  parser.add_argument('config', help='pipeline config (YAML)')
-  parser.add_argument('--set', dest='overrides', action='append', default=[],
-                      metavar='KEY.PATH=VALUE',
-                      help='override a config value, e.g. --set '
-                      'train.steps=200 (repeatable)')
-
-
-def config_from_args(args):
-  return load_config(args.config, args.overrides)
 
 
 def build_parser():
@@ -67,10 +54,6 @@ def main(argv=None):
   except UserError as e:
     print(f'estpipe: error: {e}', file=sys.stderr)
     return 1
-
-
-class UserError(Exception):
-  """A failure the user can fix; printed without a traceback."""
 
 
 def _quiet_imports(argv):

@@ -2,14 +2,18 @@
 
 import logging
 
+from pipeline import args as args_lib
+from pipeline import rundir
+from pipeline.errors import UserError
+
 _log = logging.getLogger('estpipe')
 
-# The stages `estpipe run` chains, in order; each is also its own command.
+# The stages `estpipe run` chains, in order; each is also its own command,
+# whose package registers its runner (pipeline/args.py).
 RUN_STAGES = ('preprocess', 'train', 'export')
 
 
 def register(subparsers):
-  from pipeline.cli import add_config_args  # pylint: disable=g-import-not-at-top
   gen = subparsers.add_parser(
       'generate-data', help='write the built-in synthetic data set',
       description='Write a deterministic, census-like synthetic CSV data set '
@@ -25,14 +29,13 @@ def register(subparsers):
       'run', help='run every stage: ' + ' -> '.join(RUN_STAGES),
       description='Run the whole pipeline for a config. Unknown flags are '
       'Beam pipeline options for the preprocessing job.')
-  add_config_args(run)
+  args_lib.add_config_args(run)
   run.set_defaults(func=_run, accepts_extra=True)
 
 
 def _generate(args):
   from pipeline import synthetic  # pylint: disable=g-import-not-at-top
   if args.rows < 1 or args.shards < 1:
-    from pipeline.cli import UserError  # pylint: disable=g-import-not-at-top
     raise UserError('--rows and --shards must be >= 1')
   paths = synthetic.write_csv(args.out, args.rows, seed=args.seed,
                               shards=args.shards)
@@ -40,10 +43,7 @@ def _generate(args):
 
 
 def _run(args):
-  from pipeline import cli  # pylint: disable=g-import-not-at-top
-  available = cli.build_parser()._subparsers._group_actions[0].choices  # pylint: disable=protected-access
-  sets = [x for o in args.overrides for x in ('--set', o)]
-  config = cli.config_from_args(args)
+  config = args_lib.config_from_args(args)
   before = _versions(config)
   for stage in RUN_STAGES:
     if stage == 'export' and _versions(config) - before:
@@ -51,20 +51,15 @@ def _run(args):
       _log.info('=== export: done by the training exporters (%s)',
                 ', '.join(config.export.exporters))
       continue
-    if stage not in available:
+    runner = args_lib.stage(stage)
+    if runner is None:
       _log.warning('stage %s is not installed; stopping after the stages '
                    'before it', stage)
       break
     _log.info('=== %s', stage)
-    argv = [stage, args.config] + sets
-    if stage == 'preprocess':
-      argv += args.extra
-    code = cli.main(argv)
-    if code:
-      return code
+    runner(config, args.extra if stage == 'preprocess' else (), args.verbose)
   return 0
 
 
 def _versions(config):
-  from serving import export  # pylint: disable=g-import-not-at-top
-  return set(export.list_versions(config.export_dir))
+  return set(rundir.list_versions(config.rundir.export))

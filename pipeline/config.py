@@ -13,13 +13,9 @@ from typing import Any, List, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A config problem, with the key path that caused it."""
-
-  def __init__(self, path, message):
-    self.path = path
-    super().__init__(f'{path}: {message}' if path else message)
+from pipeline import fs
+from pipeline.errors import ConfigError
+from pipeline.rundir import RunDir
 
 
 FEATURE_TYPES = ('integer', 'float', 'string', 'text')
@@ -445,24 +441,10 @@ class Config:
         return f
     raise KeyError(name)
 
-  # The run directory layout: every stage finds its inputs here.
-  def path(self, *parts):
-    return os.path.join(self.run_dir, *parts)
-
   @property
-  def transform_dir(self):
-    return self.path('transform')
-
-  @property
-  def model_dir(self):
-    return self.path('model')
-
-  @property
-  def export_dir(self):
-    return self.path('export')
-
-  def data_pattern(self, split):
-    return self.path('data', f'{split}-*.tfrecord.gz')
+  def rundir(self):
+    """The run directory's paths (pipeline/rundir.py owns the layout)."""
+    return RunDir(self.run_dir)
 
   def to_dict(self):
     return dataclasses.asdict(self)
@@ -486,17 +468,13 @@ def _as_list(value):
 def _read_csv_header(data):
   """The first file's header; any file system and compression Beam reads."""
   import csv  # pylint: disable=g-import-not-at-top
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  for pattern in data.train_patterns:
-    matches = FileSystems.match([pattern])[0].metadata_list
-    if not matches:
-      raise ConfigError('data.train', f'no file matches {pattern}')
-    first = sorted(m.path for m in matches)[0]
-    with FileSystems.open(first) as f:
-      line = f.readline().decode('utf-8', 'replace')
-    return [c.strip() for c in next(csv.reader([line],
-                                               delimiter=data.delimiter))]
-  return None
+  try:
+    first = fs.expand_patterns(data.train_patterns[:1], 'data.train')[0]
+  except FileNotFoundError as e:
+    raise ConfigError('data.train', str(e).split(': ', 1)[-1]) from None
+  line = fs.read_first_line(first)
+  return [c.strip() for c in next(csv.reader([line],
+                                             delimiter=data.delimiter))]
 
 
 # --- building dataclasses from plain dicts, with key paths in errors --------

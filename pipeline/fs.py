@@ -1,4 +1,4 @@
-"""File operations on run directories, local or remote.
+"""File operations on run directories and data inputs, local or remote.
 
 A run directory may be local or on any filesystem TensorFlow knows
 (`gs://bucket/run` for Dataflow). Local paths keep the os semantics the
@@ -54,6 +54,30 @@ def glob(pattern):
     return sorted(_gfile().glob(pattern))
   import glob as globbing  # pylint: disable=g-import-not-at-top
   return sorted(globbing.glob(pattern))
+
+
+def expand_patterns(patterns, key):
+  """Input globs -> sorted file list; a pattern that matches nothing is an
+  error naming `key`, the config key or flag that gave it.
+
+  Data inputs go through Beam's file systems, the ones the jobs read them
+  with (local, gs://, and any Beam registers).
+  """
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  files = []
+  for pattern in patterns:
+    matches = FileSystems.match([pattern])[0].metadata_list
+    if not matches:
+      raise FileNotFoundError(f'{key}: no file matches {pattern}')
+    files.extend(sorted(m.path for m in matches))
+  return files
+
+
+def read_first_line(path):
+  """The first line of a data input (decompressed as Beam would)."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  with FileSystems.open(path) as f:
+    return f.readline().decode('utf-8', 'replace')
 
 
 def open_file(path, mode='r'):

@@ -20,7 +20,6 @@ import os
 import time
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -29,6 +28,7 @@ import tensorflow_transform.beam as tft_beam
 from tfx_bsl.coders import example_coder
 from tfx_bsl.public import tfxio
 
+from pipeline import fs
 from preprocessing import rows as rows_lib
 from preprocessing import schema as schema_lib
 from preprocessing.transform_fn import build_preprocessing_fn
@@ -37,21 +37,6 @@ _NAMESPACE = 'estpipe'
 _PROGRESS_EVERY = 200_000
 SPLITS = ('train', 'eval')
 _log = logging.getLogger('estpipe')
-
-
-class PreprocessError(Exception):
-  """The job ran but its result must not be published."""
-
-
-def expand_patterns(patterns, key):
-  """Globs -> sorted file list; a pattern that matches nothing is an error."""
-  files = []
-  for pattern in patterns:
-    matches = FileSystems.match([pattern])[0].metadata_list
-    if not matches:
-      raise FileNotFoundError(f'{key}: no file matches {pattern}')
-    files.extend(sorted(m.path for m in matches))
-  return files
 
 
 class _ParseFile(beam.DoFn):
@@ -124,7 +109,7 @@ class ReadRawData(beam.PTransform):
     self._report = report
 
   def _read(self, pipeline, patterns, key, split):
-    files = expand_patterns(patterns, key)
+    files = fs.expand_patterns(patterns, key)
     return (pipeline
             | f'List{key}' >> beam.Create(files)
             | f'Parse{key}' >> beam.ParDo(

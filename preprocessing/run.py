@@ -1,26 +1,15 @@
 """`estpipe preprocess`: run the job in staging, check it, publish it."""
 
+import json
 import logging
 import os
 
+from pipeline import errors
 from pipeline import fs
 from pipeline import runrecord
 from preprocessing import beam_pipeline
 
 _log = logging.getLogger('estpipe')
-OUTPUTS = ('transform', 'data', 'rejects')
-
-
-class TooManyRejects(Exception):
-  pass
-
-
-def marker_path(config):
-  return config.path('preprocess.json')
-
-
-def is_complete(config):
-  return fs.exists(marker_path(config))
 
 
 def preprocess(config, beam_args=()):
@@ -29,44 +18,45 @@ def preprocess(config, beam_args=()):
   Outputs appear only when the job succeeded: until then they live in a
   staging folder, and preprocess.json (the completeness marker) comes last.
   """
+  layout = config.rundir
   fs.makedirs(config.run_dir)
   runrecord.append_history(config.run_dir, 'preprocess', 'started')
   with runrecord.staging_dir(config.run_dir, 'preprocess') as stage:
     try:
       summary = beam_pipeline.run_job(config, stage, beam_args)
+      summary['rejects_path'] = layout.rejects
+      _log_summary(summary)
+      _check_rejects(config, summary, stage)
     except Exception as e:
       runrecord.append_history(config.run_dir, 'preprocess', 'failed',
                                {'error': str(e)})
       raise
-    summary['rejects_path'] = config.path('rejects')
-    _log_summary(summary)
-    read = sum(s['read'] for s in summary['splits'].values())
-    rejected = sum(s['rejected'] for s in summary['splits'].values())
-    fraction = rejected / read if read else 0.0
-    limit = config.preprocessing.max_reject_fraction
-    if read == 0 or fraction > limit:
-      # Rejects are published so the user can see why; data and transform
-      # are not, and an earlier complete run stays as it was.
-      runrecord.publish(os.path.join(stage, 'rejects'), config.path('rejects'))
-      message = (f'{rejected} of {read} rows rejected ({fraction:.2%}), more '
-                 f'than preprocessing.max_reject_fraction={limit}; see '
-                 f'{config.path("rejects")}' if read else
-                 'no rows were read')
-      runrecord.append_history(config.run_dir, 'preprocess', 'failed',
-                               {'error': message})
-      raise TooManyRejects(message)
-    _publish(config, stage)
+    _publish(layout, stage)
     summary['config'] = config.source
-    runrecord.write_json(marker_path(config), summary)
+    runrecord.write_json(layout.preprocess_summary, summary)
   runrecord.append_history(config.run_dir, 'preprocess', 'succeeded', summary)
   return summary
 
 
-def _publish(config, stage):
-  if fs.exists(marker_path(config)):
-    fs.remove(marker_path(config))
-  for name in OUTPUTS:
-    runrecord.publish(os.path.join(stage, name), config.path(name))
+def _check_rejects(config, summary, stage):
+  read = sum(s['read'] for s in summary['splits'].values())
+  rejected = sum(s['rejected'] for s in summary['splits'].values())
+  try:
+    errors.check_reject_fraction(read, rejected,
+                                 config.preprocessing.max_reject_fraction,
+                                 config.rundir.rejects)
+  except errors.TooManyRejects:
+    # Rejects are published so the user can see why; data and transform
+    # are not, and an earlier complete run stays as it was.
+    runrecord.publish(os.path.join(stage, 'rejects'), config.rundir.rejects)
+    raise
+
+
+def _publish(layout, stage):
+  if fs.exists(layout.preprocess_summary):
+    fs.remove(layout.preprocess_summary)
+  for name in layout.PREPROCESS_OUTPUTS:
+    runrecord.publish(os.path.join(stage, name), layout.path(name))
 
 
 def _log_summary(summary):
@@ -79,9 +69,8 @@ def _log_summary(summary):
 
 def read_rejects(config):
   """All reject records of the last run (a list of dicts)."""
-  import json  # pylint: disable=g-import-not-at-top
   records = []
-  for path in fs.glob(config.path('rejects', '*.jsonl')):
+  for path in fs.glob(config.rundir.rejects_pattern):
     with fs.open_file(path) as f:
       records.extend(json.loads(line) for line in f if line.strip())
   return records

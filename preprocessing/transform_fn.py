@@ -4,14 +4,13 @@ A user module may replace it (`preprocessing.module`), as TFX module files
 do; it can reuse the pieces here (`fill_missing`, `transform_feature`).
 """
 
-import importlib.util
 import inspect
-import os
-import sys
 
 import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow_transform import schema_inference
+
+from pipeline import modules
 
 
 def build_preprocessing_fn(config):
@@ -39,24 +38,12 @@ def build_preprocessing_fn(config):
 
 def _user_preprocessing_fn(config):
   path = config.preprocessing.module
-  module = load_module(path)
-  fn = getattr(module, 'preprocessing_fn', None)
-  if fn is None:
-    raise ValueError(f'{path} defines no preprocessing_fn')
+  fn = modules.load_function(path, 'preprocessing.module', 'preprocessing_fn',
+                             'preprocessing_fn(inputs) or '
+                             'preprocessing_fn(inputs, config)')
   if len(inspect.signature(fn).parameters) == 2:
     return lambda inputs: fn(inputs, config)
   return fn
-
-
-def load_module(path):
-  """Imports a user's module file by path (TFX-style module files)."""
-  name = '_estpipe_user_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  # tf.function's autograph resolves globals through sys.modules.
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
 
 
 def _mode_is_first_id(feature):

@@ -6,10 +6,12 @@ heavy imports (TensorFlow, gRPC) happen when a command runs, so `estpipe
 """
 
 import argparse
+import json
 import logging
 import os
 
-from pipeline.cli import UserError
+from pipeline import args as args_lib
+from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
 
@@ -181,7 +183,42 @@ def _set_tensorflow_threads(args):
       setter(value)
 
 
-# The serving package's commands, in --help order (export, verify-export and
-# predict live in export_commands.py).
-from serving import export_commands  # pylint: disable=g-import-not-at-top,wrong-import-position
-_COMMANDS = [*export_commands.COMMANDS, _add_serve]
+def _add_predict(subparsers):
+  parser = subparsers.add_parser(
+      'predict', help='batch prediction over raw files (Beam)',
+      description='Raw CSV or tf.Example records in, one prediction per good '
+      'row out (JSON lines or CSV, keyed by file:line), rejected rows in '
+      'OUTPUT.rejects.jsonl. Unknown flags are Beam pipeline options '
+      '(--runner, --direct_running_mode, ...).')
+  args_lib.add_config_args(parser)
+  parser.add_argument('--input', required=True,
+                      help='raw input file or glob, laid out as data.*')
+  parser.add_argument('--output', required=True,
+                      help='predictions file (.csv for CSV, else JSON lines)')
+  parser.add_argument('--format', dest='data_format', default=None,
+                      choices=('csv', 'tfrecord'),
+                      help='input format (default: data.format)')
+  parser.add_argument('--output_format', default=None,
+                      choices=('jsonl', 'csv'),
+                      help='default: from the --output extension')
+  args_lib.add_export_choice(parser)
+  parser.set_defaults(func=_predict, accepts_extra=True)
+
+
+def _predict(args):
+  from serving import predict  # pylint: disable=g-import-not-at-top
+  config = args_lib.config_from_args(args)
+  path = args_lib.chosen_export(config, args)
+  if '://' not in args.output:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  try:
+    summary = predict.predict(
+        config, path, args.input, args.output, data_format=args.data_format,
+        output_format=args.output_format, beam_args=args.extra)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e))
+  print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+# The serving package's commands, in --help order.
+_COMMANDS = [_add_predict, _add_serve]

@@ -29,6 +29,7 @@ import uuid
 import tensorflow as tf
 
 from pipeline import fs
+from pipeline import rundir
 from pipeline import runrecord
 
 log = logging.getLogger('estpipe')
@@ -152,7 +153,7 @@ def serving_input_receiver_fn(config):
   import tensorflow_transform as tft  # pylint: disable=g-import-not-at-top
   spec = serving_feature_spec(config)
   missing_tokens = list(config.data.missing)
-  transform_dir = config.transform_dir
+  transform_dir = config.rundir.transform
   label = config.label.name
 
   def receiver_fn():
@@ -195,28 +196,6 @@ def serving_input_receiver_fn(config):
 
 # --- versions in RUN_DIR/export ------------------------------------------------
 
-def list_versions(export_dir):
-  """Integer version folders under export_dir, ascending."""
-  if not fs.isdir(export_dir):
-    return []
-  return sorted(int(n) for n in fs.listdir(export_dir)
-                if n.isdigit() and
-                fs.isdir(os.path.join(export_dir, n)))
-
-
-def version_dir(config, version=None):
-  """The folder of one export version; the newest when version is None."""
-  versions = list_versions(config.export_dir)
-  if version is None:
-    if not versions:
-      raise FileNotFoundError(f'no export under {config.export_dir}')
-    version = versions[-1]
-  elif version not in versions:
-    raise FileNotFoundError(f'no export version {version} under '
-                            f'{config.export_dir} (have: {versions})')
-  return os.path.join(config.export_dir, str(version))
-
-
 def read_metadata(path):
   meta_path = os.path.join(path, METADATA_FILE)
   if not fs.exists(meta_path):
@@ -229,7 +208,7 @@ def _next_version(export_dir):
 
   TF Serving serves the highest number, so the newest export must be it.
   """
-  versions = list_versions(export_dir)
+  versions = rundir.list_versions(export_dir)
   return max([int(time.time())] + [v + 1 for v in versions])
 
 
@@ -290,7 +269,7 @@ def export_saved_model(config, estimator, checkpoint_path=None,
         'raw_features': raw_feature_kinds(config),
         'time': runrecord.now(),
     })
-    version, target = _publish_version(written, config.export_dir)
+    version, target = _publish_version(written, config.rundir.export)
   log.info('exported %s (%s) to %s', checkpoint_path, exporter, target)
   return target
 
@@ -310,7 +289,7 @@ def _plain_metrics(metrics):
 def versions_by_exporter(export_dir, exporter):
   """Versions an exporter wrote, ascending, with their metadata."""
   found = []
-  for version in list_versions(export_dir):
+  for version in rundir.list_versions(export_dir):
     meta = read_metadata(os.path.join(export_dir, str(version)))
     if meta.get('exporter') == exporter:
       found.append((version, meta))
@@ -352,7 +331,7 @@ class RunDirExporter(tf.estimator.Exporter):
       return None
     path = export_saved_model(self._config, estimator, checkpoint_path,
                               exporter=self._name, metrics=eval_result)
-    garbage_collect(self._config.export_dir, self._name,
+    garbage_collect(self._config.rundir.export, self._name,
                     self._config.export.keep)
     return path
 
@@ -401,7 +380,7 @@ class BestRunDirExporter(RunDirExporter):
 
   def _best_so_far(self):
     values = [meta['metrics'][self._metric] for _, meta in
-              versions_by_exporter(self._config.export_dir, self._name)
+              versions_by_exporter(self._config.rundir.export, self._name)
               if self._metric in (meta.get('metrics') or {})]
     if not values:
       return None
@@ -424,19 +403,18 @@ def make_exporters(config):
   return [_EXPORTERS[name](config) for name in config.export.exporters]
 
 
-def export_checkpoint(config, checkpoint_path=None):
-  """`estpipe export`: one checkpoint (default: the latest) -> a version."""
-  if not fs.exists(config.path('preprocess.json')):
-    raise FileNotFoundError(f'{config.run_dir} is not preprocessed (no '
-                            'preprocess.json): run `estpipe preprocess`')
+def export_checkpoint(config, make_estimator, checkpoint_path=None):
+  """`estpipe export`: one checkpoint (default: the latest) -> a version.
+
+  `make_estimator(config)` builds the trained model's Estimator; it is
+  called once the inputs are known to be there, since it takes seconds.
+  """
+  rundir.require_preprocessed(config.rundir)
   checkpoint_path = checkpoint_path or tf.train.latest_checkpoint(
-      config.model_dir)
+      config.rundir.model)
   if not checkpoint_path:
-    raise FileNotFoundError(f'no checkpoint in {config.model_dir}: run '
+    raise FileNotFoundError(f'no checkpoint in {config.rundir.model}: run '
                             '`estpipe train` first')
   if not tf.io.gfile.exists(checkpoint_path + '.index'):
     raise FileNotFoundError(f'no checkpoint {checkpoint_path}')
-  # Imported once the inputs are known to be there: it takes seconds.
-  from estimators import train  # pylint: disable=g-import-not-at-top
-  estimator = train.build_estimator(config, warm_start=False)
-  return export_saved_model(config, estimator, checkpoint_path)
+  return export_saved_model(config, make_estimator(config), checkpoint_path)

@@ -26,6 +26,8 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline import errors
+from pipeline import fs
 from preprocessing import beam_pipeline
 from preprocessing import rows as rows_lib
 from serving import raw_examples
@@ -34,10 +36,6 @@ log = logging.getLogger('estpipe')
 
 _NAMESPACE = 'estpipe_predict'
 OUTPUT_FORMATS = ('jsonl', 'csv')
-
-
-class TooManyRejects(Exception):
-  pass
 
 
 def predict_signature(export_path):
@@ -200,7 +198,7 @@ def predict(config, export_path, input_pattern, output, data_format=None,
   data_format = data_format or config.data.format
   output_format = output_format or (
       'csv' if output.endswith('.csv') else 'jsonl')
-  files = beam_pipeline.expand_patterns([input_pattern], '--input')
+  files = fs.expand_patterns([input_pattern], '--input')
   tag = uuid.uuid4().hex[:8]
   staged = f'{output}.tmp-{tag}'
   staged_rejects = f'{rejects_path(output)}.tmp-{tag}'
@@ -260,13 +258,9 @@ def _remove_beam_temp(path):
 
 def _check_rejects(config, summary):
   read, rejected = summary['read'], summary['rejected']
-  limit = config.preprocessing.max_reject_fraction
-  if read == 0:
-    raise TooManyRejects('no rows were read')
-  if rejected / read > limit:
-    raise TooManyRejects(
-        f'{rejected} of {read} rows rejected ({rejected / read:.2%}), more '
-        f'than preprocessing.max_reject_fraction={limit}; nothing written')
+  errors.check_reject_fraction(read, rejected,
+                               config.preprocessing.max_reject_fraction,
+                               summary['rejects'])
   if summary['written'] != read - rejected:
     raise RuntimeError(f'{read - rejected} good rows but '
                        f'{summary["written"]} predictions written')

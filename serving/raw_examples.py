@@ -8,6 +8,7 @@ signatures take. Picklable helpers only: Beam workers use them.
 
 import math
 
+from pipeline import fs
 from preprocessing import rows as rows_lib
 
 
@@ -69,11 +70,10 @@ def eval_rows(config, parser, limit=None):
   The same rows preprocessing put in the eval split: the eval files, or the
   training files' rows that the stable hash assigns to eval.
   """
-  from preprocessing import beam_pipeline  # pylint: disable=g-import-not-at-top
   data = config.data
   split_by_hash = not data.eval_patterns
   patterns = data.train_patterns if split_by_hash else data.eval_patterns
-  files = beam_pipeline.expand_patterns(
+  files = fs.expand_patterns(
       patterns, 'data.train' if split_by_hash else 'data.eval')
   count = 0
   for path in files:

@@ -10,12 +10,12 @@ with its file, line, raw text and both answers.
 """
 
 import logging
-import os
 
 import numpy as np
 import tensorflow as tf
 
 from pipeline import fs
+from pipeline import rundir
 from preprocessing import rows as rows_lib
 from serving import export
 from serving import raw_examples
@@ -80,37 +80,13 @@ def _raw_sparse(parser, rows):
 def transformed_features(config, parser, rows, batch_size):
   """The run's transform applied to the rows: a list of feature batches."""
   import tensorflow_transform as tft  # pylint: disable=g-import-not-at-top
-  layer = tft.TFTransformOutput(config.transform_dir).transform_features_layer()
+  layer = tft.TFTransformOutput(config.rundir.transform).transform_features_layer()
   batches = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     out = layer(_raw_sparse(parser, chunk))
     batches.append({k: v for k, v in out.items() if k != config.label.name})
   return batches
-
-
-def estimator_predictions(config, checkpoint, batches):
-  """The Estimator's predictions on transformed batches: {key: array}."""
-  from estimators import train  # pylint: disable=g-import-not-at-top
-  estimator = train.build_estimator(config, warm_start=False)
-
-  def input_fn():
-    def gen():
-      for batch in batches:
-        yield batch
-    first = batches[0]
-    signature = {k: (tf.SparseTensorSpec([None, None], v.dtype)
-                     if isinstance(v, tf.SparseTensor) else
-                     tf.TensorSpec([None] + v.shape[1:].as_list(), v.dtype))
-                 for k, v in first.items()}
-    return tf.data.Dataset.from_generator(gen, output_signature=signature)
-
-  outputs = {}
-  for batch in estimator.predict(input_fn, checkpoint_path=checkpoint,
-                                 yield_single_examples=False):
-    for key, value in batch.items():
-      outputs.setdefault(key, []).append(np.asarray(value))
-  return {k: np.concatenate(v) for k, v in outputs.items()}
 
 
 # --- the serving side ---------------------------------------------------------
@@ -223,18 +199,22 @@ def checkpoint_of(config, path):
   return checkpoint
 
 
-def verify_export(config, path=None, max_rows=None, batch_size=1024):
+def verify_export(config, model_predictions, path=None, max_rows=None,
+                  batch_size=1024):
   """Runs the skew check on one export (default: the newest); returns a summary.
 
-  Raises SkewError naming the first differing row.
+  `model_predictions(config, checkpoint, batches)` answers the trained
+  model's predictions on transformed batches ({key: array}); the command
+  hands over the trainer's, so this module needs no trainer. Raises
+  SkewError naming the first differing row.
   """
-  path = path or export.version_dir(config)
+  path = path or rundir.version_dir(config.rundir.export)
   checkpoint = checkpoint_of(config, path)
   parser = raw_examples.row_parser(config)
   rows, rejected = read_eval_rows(config, parser, max_rows)
   log.info('verifying %s on %d raw eval rows (%d rejected rows skipped)',
            path, len(rows), rejected)
-  expected = estimator_predictions(
+  expected = model_predictions(
       config, checkpoint,
       transformed_features(config, parser, rows, batch_size))
   loaded = tf.saved_model.load(path)

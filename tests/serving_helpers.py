@@ -16,8 +16,8 @@ def copy_preprocessed(config, run_dir, **sections):
   """A copy of a preprocessed run (transform, data, marker) in run_dir."""
   os.makedirs(run_dir, exist_ok=True)
   for name in ('transform', 'data'):
-    shutil.copytree(config.path(name), os.path.join(run_dir, name))
-  shutil.copy(config.path('preprocess.json'), run_dir)
+    shutil.copytree(config.rundir.path(name), os.path.join(run_dir, name))
+  shutil.copy(config.rundir.preprocess_summary, run_dir)
   return dataclasses.replace(config, run_dir=str(run_dir), **sections)
 
 

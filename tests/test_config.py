@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from tests.conftest import EXAMPLES
 
 SYNTHETIC = os.path.join(EXAMPLES, 'synthetic.yaml')

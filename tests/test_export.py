@@ -20,6 +20,8 @@ tf = pytest.importorskip('tensorflow')
 
 # pylint: disable=g-import-not-at-top,redefined-outer-name
 from pipeline import cli
+from pipeline import rundir
+from estimators import train
 from serving import export
 from serving import raw_examples
 from serving import verify
@@ -77,20 +79,20 @@ def _signature_names(path):
 
 def test_export_is_an_integer_version_with_metadata(census_export):
   config, path = census_export
-  assert os.path.dirname(path) == config.export_dir
+  assert os.path.dirname(path) == config.rundir.export
   assert os.path.basename(path).isdigit()
-  assert export.list_versions(config.export_dir) == [int(
+  assert rundir.list_versions(config.rundir.export) == [int(
       os.path.basename(path))]
   meta = export.read_metadata(path)
   assert meta['exporter'] == 'manual'
   assert meta['global_step'] == serving_helpers.TRAIN_STEPS
-  assert meta['checkpoint'] == tf.train.latest_checkpoint(config.model_dir)
+  assert meta['checkpoint'] == tf.train.latest_checkpoint(config.rundir.model)
   # What the model server types JSON values by.
   assert meta['raw_features'] == {f.name: f.type for f in config.features}
   assert meta['raw_features']['capital-gain'] == 'integer'
   assert meta['raw_features']['age'] == 'float'
   # Staging leftovers would be half-written exports; the empty root goes too.
-  assert not os.path.exists(config.path('.staging'))
+  assert not os.path.exists(config.rundir.path('.staging'))
 
 
 def test_classifier_signatures(census_loaded):
@@ -110,7 +112,8 @@ def test_regressor_signatures_and_skew_check(regression_export):
   assert {'serving_default', 'regression', 'predict',
           export.RAW_SIGNATURE} <= names
   assert 'classification' not in names
-  summary = verify.verify_export(config, path, max_rows=300)
+  summary = verify.verify_export(config, train.predict_transformed, path,
+                                 max_rows=300)
   assert summary['rows'] == 300
   assert 'outputs' in summary['max_abs_diff']['regression']
   assert max(summary['max_abs_diff']['raw:predict'].values()) <= 1e-5
@@ -293,8 +296,8 @@ def test_export_command(census_export, tmp_path, capsys):
   config, _ = census_export
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
-  shutil.copytree(config.path('transform'), run_dir / 'transform')
-  shutil.copy(config.path('preprocess.json'), run_dir)
+  shutil.copytree(config.rundir.path('transform'), run_dir / 'transform')
+  shutil.copy(config.rundir.preprocess_summary, run_dir)
   args = [config.source, '--set', f'run_dir={run_dir}']
   # No checkpoint yet: exit 1 with a one-line error (cli.main returns the
   # exit status; anything but a UserError would raise), nothing written.
@@ -305,7 +308,7 @@ def test_export_command(census_export, tmp_path, capsys):
   assert 'Traceback' not in err
   assert not (run_dir / 'export').exists()
 
-  shutil.copytree(config.model_dir, run_dir / 'model')
+  shutil.copytree(config.rundir.model, run_dir / 'model')
   checkpoint = tf.train.latest_checkpoint(str(run_dir / 'model'))
   assert checkpoint.startswith(str(run_dir)), 'the copy, not the shared run'
   done = _estpipe('export', *args)
@@ -318,7 +321,7 @@ def test_export_command(census_export, tmp_path, capsys):
   assert cli.main(['export', *args]) == 0, capsys.readouterr().err
   second = capsys.readouterr().out.strip()
   assert int(os.path.basename(second)) > int(os.path.basename(first))
-  assert export.list_versions(str(run_dir / 'export')) == [
+  assert rundir.list_versions(str(run_dir / 'export')) == [
       int(os.path.basename(p)) for p in (first, second)]
   assert sorted(os.listdir(run_dir)) == [
       'export', 'history.jsonl', 'model', 'preprocess.json', 'transform']
@@ -337,7 +340,7 @@ def test_verify_export_passes(census_export, capsys):
   assert summary['rows'] == 500
   assert set(summary['max_abs_diff']) >= {'predict', 'raw:predict',
                                            'classification'}
-  history = [json.loads(line) for line in open(config.path('history.jsonl'))]
+  history = [json.loads(line) for line in open(config.rundir.history)]
   assert history[-1]['stage'] == 'verify-export'
   assert history[-1]['status'] == 'succeeded'
 
@@ -359,7 +362,7 @@ def test_verify_export_names_first_row_of_a_wrong_transform(
   checkpoint = export.read_metadata(good_path)['checkpoint']
   bad_path = export.export_saved_model(tampered, estimator, checkpoint)
   # Move the bad export into the real run as its newest version.
-  target = os.path.join(config.export_dir, '9' * 10)
+  target = os.path.join(config.rundir.export, '9' * 10)
   shutil.move(bad_path, target)
   try:
     parser, rows = serving_helpers.census_eval_rows(config, limit=300)
@@ -388,12 +391,12 @@ def test_exporters_in_train_and_evaluate(census_run, tmp_path):
       export=dataclasses.replace(census_run.export,
                                  exporters=['latest', 'best', 'final'],
                                  keep=1))
-  train.train(config)
-  names = os.listdir(config.export_dir)
+  train.train(config, export.make_exporters(config))
+  names = os.listdir(config.rundir.export)
   assert names and all(n.isdigit() for n in names), names
   by_exporter = {}
-  for version in export.list_versions(config.export_dir):
-    meta = export.read_metadata(os.path.join(config.export_dir,
+  for version in rundir.list_versions(config.rundir.export):
+    meta = export.read_metadata(os.path.join(config.rundir.export,
                                              str(version)))
     by_exporter.setdefault(meta['exporter'], []).append(meta)
   assert len(by_exporter['latest']) == 1
@@ -401,5 +404,5 @@ def test_exporters_in_train_and_evaluate(census_run, tmp_path):
   assert [m['global_step'] for m in by_exporter['final']] == [40]
   assert 1 <= len(by_exporter['best']) and 'loss' in by_exporter['best'][
       -1]['metrics']
-  newest = export.version_dir(config)
+  newest = rundir.version_dir(config.rundir.export)
   assert export.RAW_SIGNATURE in _signature_names(newest)

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
+from pipeline import errors
 from pipeline import runrecord
-from pipeline.config import load_config
 from preprocessing import run as run_lib
 from preprocessing import schema
 from tests.conftest import example_config
@@ -21,8 +21,8 @@ from tests.conftest import example_config
 
 def read_transformed(config, split):
   """All transformed records of a split, as {feature: numpy array}."""
-  spec = tft.TFTransformOutput(config.transform_dir).transformed_feature_spec()
-  files = sorted(glob.glob(config.data_pattern(split)))
+  spec = tft.TFTransformOutput(config.rundir.transform).transformed_feature_spec()
+  files = sorted(glob.glob(config.rundir.data_pattern(split)))
   assert files, f'no {split} files in {config.run_dir}'
   ds = tf.data.TFRecordDataset(files, compression_type='GZIP').batch(100000)
   columns = collections.defaultdict(list)
@@ -73,7 +73,7 @@ def raw_examples(config, csv_path, header=False):
 
 def transform_in_tf(config, examples):
   """Applies the saved transform graph in TensorFlow to raw tf.Examples."""
-  tft_output = tft.TFTransformOutput(config.transform_dir)
+  tft_output = tft.TFTransformOutput(config.rundir.transform)
   spec = schema.raw_feature_spec(config)
   if not config.label.values:
     spec.pop(config.label.name)
@@ -102,7 +102,7 @@ def row_multiset(columns, names):
 # --- Census ------------------------------------------------------------------
 
 def test_census_counts_and_no_rejects(census_run):
-  summary = runrecord.read_json(census_run.path('preprocess.json'))
+  summary = runrecord.read_json(census_run.rundir.preprocess_summary)
   assert summary['splits']['train'] == {'read': 32561, 'written': 32561,
                                         'rejected': 0}
   assert summary['splits']['eval'] == {'read': 16278, 'written': 16278,
@@ -116,7 +116,7 @@ def test_census_education_vocabulary(census_run, census_data):
   with open(census_data['train']) as f:
     expected = {line.split(',')[3].strip() for line in f if line.strip()}
   assert len(expected) == 16
-  tft_output = tft.TFTransformOutput(census_run.transform_dir)
+  tft_output = tft.TFTransformOutput(census_run.rundir.transform)
   vocab = [v.decode() if isinstance(v, bytes) else v
            for v in tft_output.vocabulary_by_name('education')]
   assert sorted(vocab) == sorted(expected)
@@ -148,7 +148,7 @@ def test_census_missing_fill_with_most_frequent(census_run):
   example.features.feature['age'].float_list.value.append(40.0)
   serialized = example.SerializeToString()
   out = transform_in_tf(config, [serialized])
-  vocab = tft.TFTransformOutput(config.transform_dir).vocabulary_by_name(
+  vocab = tft.TFTransformOutput(config.rundir.transform).vocabulary_by_name(
       'workclass')
   assert vocab[0] in (b'Private', 'Private')
   assert out['workclass'] == [0]
@@ -157,7 +157,7 @@ def test_census_missing_fill_with_most_frequent(census_run):
 # --- Taxi --------------------------------------------------------------------
 
 def test_taxi_every_row_survives(taxi_run):
-  summary = runrecord.read_json(taxi_run.path('preprocess.json'))
+  summary = runrecord.read_json(taxi_run.rundir.preprocess_summary)
   splits = summary['splits']
   assert splits['train']['rejected'] == splits['eval']['rejected'] == 0
   assert splits['train']['read'] + splits['eval']['read'] == 15002
@@ -183,7 +183,7 @@ def test_taxi_missing_values_get_defaults(taxi_run, taxi_data):
   minus_one = tf.strings.to_hash_bucket_fast(['-1'], 100).numpy()[0]
   assert {out['pickup_community_area'][i] for i in missing_area} == {
       minus_one}
-  vocab = tft.TFTransformOutput(config.transform_dir).vocabulary_by_name(
+  vocab = tft.TFTransformOutput(config.rundir.transform).vocabulary_by_name(
       'company')
   unknown_id = [v.decode() for v in vocab].index('unknown')
   assert unknown_id == 0  # 5,140 filled values make it the most frequent
@@ -262,13 +262,13 @@ def test_too_many_rejects_fails_and_keeps_previous_run(census_run,
   _write_corrupted(census_data['train'], train, 37)
   strict = example_config('census', run_dir, f'data.train={train}',
                           'preprocessing.max_reject_fraction=0.0005')
-  with pytest.raises(run_lib.TooManyRejects) as e:
+  with pytest.raises(errors.TooManyRejects) as e:
     run_lib.preprocess(strict)
   assert str(run_dir / 'rejects') in str(e.value)
   assert '37 of 48876 rows rejected' in str(e.value)
   assert len(run_lib.read_rejects(strict)) == 37
   # The earlier complete run is untouched, and still marked complete.
-  assert run_lib.is_complete(strict)
+  assert strict.rundir.is_preprocessed()
   assert sorted(glob.glob(str(run_dir / 'data' / '*'))) == before
   assert [open(p, 'rb').read() for p in before] == before_bytes
   assert not os.path.exists(run_dir / '.staging')
@@ -283,15 +283,15 @@ def test_failed_first_run_publishes_nothing_but_rejects(synthetic_csv,
   config = example_config('synthetic', tmp_path / 'run',
                           f'data.train={train}',
                           'preprocessing.max_reject_fraction=0.0')
-  with pytest.raises(run_lib.TooManyRejects) as e:
+  with pytest.raises(errors.TooManyRejects) as e:
     run_lib.preprocess(config)
   assert '2 of 5002 rows rejected' in str(e.value)
-  assert not run_lib.is_complete(config)
-  assert not os.path.exists(config.path('data'))
-  assert not os.path.exists(config.transform_dir)
+  assert not config.rundir.is_preprocessed()
+  assert not os.path.exists(config.rundir.path('data'))
+  assert not os.path.exists(config.rundir.transform)
   rejects = sorted(run_lib.read_rejects(config), key=lambda r: r['line'])
   assert [r['line'] for r in rejects] == [5002, 5003]
   assert rejects[0]['reason'] == 'expected 9 columns, got 4'
   assert rejects[1]['reason'] == "field 'age': expected an integer, got 'x'"
-  history = [json.loads(l) for l in open(config.path('history.jsonl'))]
+  history = [json.loads(l) for l in open(config.rundir.history)]
   assert [h['status'] for h in history] == ['started', 'failed']

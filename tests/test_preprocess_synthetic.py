@@ -29,7 +29,7 @@ def _records(config):
 
 
 def _asset_digests(config):
-  assets = os.path.join(config.transform_dir, 'transform_fn', 'assets')
+  assets = os.path.join(config.rundir.transform, 'transform_fn', 'assets')
   return {name: hashlib.md5(open(os.path.join(assets, name), 'rb').read())
           .hexdigest() for name in sorted(os.listdir(assets))}
 
@@ -54,18 +54,18 @@ def test_generate_data_is_deterministic(tmp_path):
 
 
 def test_synthetic_text_and_counts(synthetic_run):
-  summary = runrecord.read_json(synthetic_run.path('preprocess.json'))
+  summary = runrecord.read_json(synthetic_run.rundir.preprocess_summary)
   splits = summary['splits']
   assert splits['train']['written'] + splits['eval']['written'] == 5000
   # The finished stage leaves no staging folder, not even an empty root.
-  assert not os.path.exists(synthetic_run.path('.staging'))
+  assert not os.path.exists(synthetic_run.rundir.path('.staging'))
   assert splits['train']['rejected'] + splits['eval']['rejected'] == 0
   train = read_transformed(synthetic_run, 'train')
   # tf-idf: ids and weights per row, aligned, every row has tokens.
   assert all(len(ids) == len(w) > 0 for ids, w in
              zip(train['notes'], train['notes_weights']))
   vocab = tft.TFTransformOutput(
-      synthetic_run.transform_dir).vocabulary_by_name('notes')
+      synthetic_run.rundir.transform).vocabulary_by_name('notes')
   assert b'senior' in vocab and b'intern' in vocab
   assert len(vocab) == 25  # 15 neutral + 5 positive + 5 negative words
   assert set(train['label']) == {0, 1}
@@ -145,12 +145,12 @@ def test_killed_run_leaves_nothing_a_later_stage_would_use(synthetic_csv,
   proc.wait()
   config = example_config('synthetic', run_dir,
                           f'data.train={synthetic_csv}/data-*.csv')
-  assert not run_lib.is_complete(config)
-  assert not os.path.exists(config.path('data'))
-  assert not os.path.exists(config.transform_dir)
+  assert not config.rundir.is_preprocessed()
+  assert not os.path.exists(config.rundir.path('data'))
+  assert not os.path.exists(config.rundir.transform)
   # Running again completes, and the leftovers do not get in the way.
   run_lib.preprocess(config)
-  assert run_lib.is_complete(config)
+  assert config.rundir.is_preprocessed()
   assert len(read_transformed(config, 'train')['age']) > 3500
 
 
@@ -228,7 +228,7 @@ def test_portable_runner_job_submission(synthetic_run, synthetic_csv,
     service.wait()
   config = example_config('synthetic', run_dir,
                           f'data.train={synthetic_csv}/data-*.csv')
-  summary = runrecord.read_json(config.path('preprocess.json'))
+  summary = runrecord.read_json(config.rundir.preprocess_summary)
   assert summary['runner'] == 'PortableRunner'
   assert _records(config) == _records(synthetic_run)
 

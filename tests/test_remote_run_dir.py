@@ -20,6 +20,7 @@ from apache_beam.io.filesystem import (BeamIOError, CompressedFile,
                                        FileSystem)
 
 from pipeline import fs
+from pipeline import rundir
 from pipeline import runrecord
 from tests.conftest import example_config
 
@@ -194,27 +195,27 @@ def test_preprocess_train_export_with_a_remote_run_dir(synthetic_csv,
                           'train.steps=30', 'train.eval_steps=5')
   assert config.run_dir == ram_dir  # a URL is not made relative to the cwd
   summary = run.preprocess(config)
-  local = runrecord.read_json(synthetic_run.path('preprocess.json'))
+  local = runrecord.read_json(synthetic_run.rundir.preprocess_summary)
   assert summary['splits'] == local['splits']
-  assert run.is_complete(config)
+  assert config.rundir.is_preprocessed()
   assert sorted(fs.listdir(ram_dir)) == [
       'data', 'history.jsonl', 'preprocess.json', 'rejects', 'transform']
-  records = sum(1 for path in fs.glob(config.data_pattern('train'))
+  records = sum(1 for path in fs.glob(config.rundir.data_pattern('train'))
                 for _ in tf.data.TFRecordDataset(path, 'GZIP'))
   assert records == summary['splits']['train']['written']
 
-  record = train.train(config)
+  record = train.train(config, export.make_exporters(config))
   assert record['global_step'] == 30
-  assert runrecord.read_json(config.path('metrics.json'))['global_step'] == 30
-  versions = export.list_versions(config.export_dir)
+  assert runrecord.read_json(config.rundir.metrics)['global_step'] == 30
+  versions = rundir.list_versions(config.rundir.export)
   assert len(versions) == 1, versions
-  path = export.version_dir(config)
+  path = rundir.version_dir(config.rundir.export)
   assert export.read_metadata(path)['global_step'] == 30
   # Nothing staged is left (ram:// may keep an empty folder entry).
-  assert _tree(config.path('.staging')) == []
+  assert _tree(config.rundir.path('.staging')) == []
   loaded = tf.saved_model.load(path)
   assert export.RAW_SIGNATURE in loaded.signatures
-  with fs.open_file(config.path('history.jsonl')) as f:
+  with fs.open_file(config.rundir.history) as f:
     stages = [json.loads(line)['stage'] for line in f]
   assert stages == ['preprocess', 'preprocess']  # started, succeeded
 

@@ -926,7 +926,7 @@ def _serve_args(*flags):
 
 
 def test_serve_flags_become_server_options(tmp_path):
-  from pipeline.cli import UserError
+  from pipeline.errors import UserError
   from serving.commands import serve_options
   (tmp_path / 'a').mkdir()
   config = tmp_path / 'models.config'

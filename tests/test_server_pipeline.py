@@ -31,8 +31,8 @@ def exported_run(synthetic_run, synthetic_csv, tmp_path_factory):
   from estimators import inputs, models, train
   run_dir = tmp_path_factory.mktemp('served_run')
   for name in ('transform', 'data'):
-    shutil.copytree(synthetic_run.path(name), run_dir / name)
-  shutil.copy(synthetic_run.path('preprocess.json'), run_dir)
+    shutil.copytree(synthetic_run.rundir.path(name), run_dir / name)
+  shutil.copy(synthetic_run.rundir.preprocess_summary, run_dir)
   config = dataclasses.replace(
       synthetic_run, run_dir=str(run_dir),
       train=dataclasses.replace(synthetic_run.train, steps=20))
@@ -60,7 +60,7 @@ def server(exported_run, tmp_path_factory):
   legacy = tmp_path_factory.mktemp('legacy_export')
   _without_raw_features(path, str(legacy))
   srv = ModelServer(ServerOptions(
-      models=[ModelConfig('census', config.export_dir),
+      models=[ModelConfig('census', config.rundir.export),
               ModelConfig('legacy', str(legacy))],
       grpc_port=0, rest_port=0, poll_wait_seconds=0)).start()
   yield srv

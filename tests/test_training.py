@@ -19,8 +19,9 @@ from estimators import keras_models
 from estimators import models
 from estimators import train as train_lib
 from pipeline import runrecord
-from pipeline.cli import UserError
-from pipeline.config import ConfigError, config_from_dict
+from pipeline.errors import UserError
+from pipeline.config import config_from_dict
+from pipeline.errors import ConfigError
 from tests.conftest import EXAMPLES, ROOT, preprocessed
 
 STEPS = 300
@@ -37,7 +38,7 @@ def derive(base, run_dir, **settings):
   for item in ('transform', 'data', 'preprocess.json'):
     link = os.path.join(run_dir, item)
     if not os.path.exists(link):
-      os.symlink(base.path(item), link)
+      os.symlink(base.rundir.path(item), link)
   config = copy.deepcopy(base)
   config.run_dir = str(run_dir)
   config.train.steps = STEPS
@@ -62,7 +63,7 @@ def write_yaml(config, path):
 
 
 def eval_labels(config):
-  files = sorted(tf.io.gfile.glob(config.data_pattern('eval')))
+  files = sorted(tf.io.gfile.glob(config.rundir.data_pattern('eval')))
   spec = {config.label.name: tf.io.FixedLenFeature(
       [], tf.float32 if config.label.task == 'regression' else tf.int64)}
   labels = []
@@ -102,7 +103,7 @@ def wide_deep_run(census_run, tmp_path_factory):
   """A wide & deep model trained once through the CLI, shared below."""
   config = derive(census_run, tmp_path_factory.mktemp('wide_deep'),
                   model__type='wide_deep')
-  path = write_yaml(config, config.path('config.yaml'))
+  path = write_yaml(config, config.rundir.path('config.yaml'))
   result = estpipe('train', path, env=cli_env())
   assert result.returncode == 0, result.stderr[-3000:]
   return config, result
@@ -169,26 +170,26 @@ def test_model_beats_majority_baseline(census_run, census_majority, tmp_path,
   assert metrics['auc'] > 0.85
   for key in ('precision', 'recall'):
     assert 0.0 < metrics[key] <= 1.0
-  on_disk = runrecord.read_json(config.path('metrics.json'))
+  on_disk = runrecord.read_json(config.rundir.metrics)
   assert on_disk['metrics']['accuracy'] == pytest.approx(metrics['accuracy'])
-  assert tf.train.latest_checkpoint(config.model_dir).endswith(f'-{STEPS}')
+  assert tf.train.latest_checkpoint(config.rundir.model).endswith(f'-{STEPS}')
 
 
 def test_wide_deep_cli_trains_logs_progress_and_events(wide_deep_run,
                                                        census_majority):
   config, result = wide_deep_run
-  record = runrecord.read_json(config.path('metrics.json'))
+  record = runrecord.read_json(config.rundir.metrics)
   assert record['model_type'] == 'wide_deep' and record['global_step'] == STEPS
   assert record['metrics']['accuracy'] > census_majority + 0.04
   # Progress: step, loss, examples/sec, then the latest eval metrics.
   assert 'step 100 loss ' in result.stderr
   assert 'examples/sec' in result.stderr
   assert f'eval@{STEPS}: accuracy' in result.stderr
-  events = tf.io.gfile.glob(os.path.join(config.model_dir, 'events.out.*'))
+  events = tf.io.gfile.glob(os.path.join(config.rundir.model, 'events.out.*'))
   assert events, 'no TensorBoard events in the model dir'
-  assert tf.io.gfile.glob(os.path.join(config.model_dir, 'eval',
+  assert tf.io.gfile.glob(os.path.join(config.rundir.model, 'eval',
                                        'events.out.*'))
-  history = [line for line in open(config.path('history.jsonl'))
+  history = [line for line in open(config.rundir.history)
              if '"train"' in line]
   assert history and '"succeeded"' in history[-1]
 
@@ -250,7 +251,7 @@ def test_learning_rate_schedule_decays_with_the_global_step(census_run,
                                      'decay_rate': 0.5})
   train_lib.train(config)
   rates = {}
-  for path in tf.io.gfile.glob(os.path.join(config.model_dir, 'events.*')):
+  for path in tf.io.gfile.glob(os.path.join(config.rundir.model, 'events.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.tag == 'learning_rate':
@@ -280,7 +281,7 @@ def test_warm_start_from_another_run(wide_deep_run, census_majority,
                                      tmp_path):
   source, _ = wide_deep_run
   source_accuracy = runrecord.read_json(
-      source.path('metrics.json'))['metrics']['accuracy']
+      source.rundir.metrics)['metrics']['accuracy']
   config = derive(source, tmp_path / 'warm', model__type='wide_deep',
                   train__steps=1, train__warm_start_from=source.run_dir)
   metrics = train_lib.train(config)['metrics']
@@ -315,7 +316,7 @@ def test_warm_start_without_checkpoint_is_a_clear_error(census_run, tmp_path):
 
 def test_evaluate_with_slices(wide_deep_run, tmp_path):
   config, _ = wide_deep_run
-  path = config.path('config.yaml')
+  path = config.rundir.path('config.yaml')
   out = tmp_path / 'eval.json'
   result = estpipe('evaluate', path, '--slice', 'race', '--output', str(out),
                    env=cli_env())
@@ -403,7 +404,7 @@ def test_user_module_missing_function_is_a_clear_error(census_run, tmp_path):
 def test_feature_columns_read_sizes_from_the_transform(census_run):
   from estimators import features  # pylint: disable=g-import-not-at-top
   import tensorflow_transform as tft  # pylint: disable=g-import-not-at-top
-  tft_output = tft.TFTransformOutput(census_run.transform_dir)
+  tft_output = tft.TFTransformOutput(census_run.rundir.transform)
   columns = features.build_feature_columns(census_run, tft_output)
   vocab = tft_output.vocabulary_size_by_name('native-country')
   country = columns.categorical['native-country']

@@ -39,7 +39,7 @@ def checkpoint_steps(model_dir):
 
 
 def exported_models(config):
-  return tf.io.gfile.glob(os.path.join(config.export_dir, '*',
+  return tf.io.gfile.glob(os.path.join(config.rundir.export, '*',
                                        'saved_model.pb'))
 
 
@@ -109,8 +109,8 @@ def cluster_config(census_run, tmp_path, distribution, steps):
 def assert_cluster_outcome(config, results, steps, majority):
   assert_ran(results)
   # The chief wrote the checkpoint of the final step and the metrics.
-  assert checkpoint_steps(config.model_dir)[-1] >= steps
-  record = runrecord.read_json(config.path('metrics.json'))
+  assert checkpoint_steps(config.rundir.model)[-1] >= steps
+  record = runrecord.read_json(config.rundir.metrics)
   assert record['global_step'] >= steps
   assert record['metrics']['accuracy'] > majority + 0.04
   # The evaluator exported a SavedModel.
@@ -153,11 +153,11 @@ def test_mirrored_on_two_cpu_devices(census_run, census_majority, tmp_path):
       [sys.executable, '-m', 'pipeline.cli', 'train', path], cwd=ROOT,
       env=cli_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  record = runrecord.read_json(config.path('metrics.json'))
+  record = runrecord.read_json(config.rundir.metrics)
   assert record['global_step'] == 200
   assert record['metrics']['accuracy'] > census_majority + 0.04
   # The graph really placed replicas on the second logical CPU.
-  with open(os.path.join(config.model_dir, 'graph.pbtxt')) as f:
+  with open(os.path.join(config.rundir.model, 'graph.pbtxt')) as f:
     assert 'device:CPU:1' in f.read()
 
 
@@ -175,7 +175,7 @@ def test_sigkill_then_rerun_finishes_at_the_configured_step(
   try:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-      if any(s >= 200 for s in checkpoint_steps(config.model_dir)):
+      if any(s >= 200 for s in checkpoint_steps(config.rundir.model)):
         break
       time.sleep(0.1)
     assert proc.poll() is None, 'training ended before it could be killed'
@@ -186,18 +186,18 @@ def test_sigkill_then_rerun_finishes_at_the_configured_step(
       proc.kill()
       proc.wait()
   assert proc.returncode == -signal.SIGKILL
-  killed_at = tf.train.latest_checkpoint(config.model_dir)
+  killed_at = tf.train.latest_checkpoint(config.rundir.model)
   assert killed_at is not None
   killed_step = int(killed_at.rsplit('-', 1)[1])
   assert killed_step < steps
-  assert not os.path.exists(config.path('metrics.json'))
+  assert not os.path.exists(config.rundir.metrics)
 
   second = subprocess.run(command, cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=300)
   assert second.returncode == 0, second.stderr[-3000:]
   # It resumed from the checkpoint instead of starting over.
   assert trained_steps(second.stderr)[0] > killed_step
-  record = runrecord.read_json(config.path('metrics.json'))
+  record = runrecord.read_json(config.rundir.metrics)
   assert record['global_step'] == steps
   # The final model loads and evaluates cleanly.
   result = train_lib.evaluate(config)

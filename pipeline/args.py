@@ -1,0 +1,62 @@
+"""What the stage commands share: config arguments and the stage registry.
+
+The command line (`pipeline/cli.py`) loads each stage package's
+`commands.py`; those import this module, never the command line itself, so
+the stages stay below it. Each stage command module also registers the
+function that runs its stage, which `estpipe run` chains in order.
+"""
+
+import os
+
+from pipeline import fs
+from pipeline import rundir
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+# name -> function(config, beam_args) -> summary, in registration order.
+_STAGES = {}
+
+
+def add_config_args(parser):
+  """The arguments every config-driven command takes."""
+  parser.add_argument('config', help='pipeline config (YAML)')
+  parser.add_argument('--set', dest='overrides', action='append', default=[],
+                      metavar='KEY.PATH=VALUE',
+                      help='override a config value, e.g. --set '
+                      'train.steps=200 (repeatable)')
+
+
+def config_from_args(args):
+  return load_config(args.config, args.overrides)
+
+
+def register_stage(name, fn):
+  """Makes `fn(config, beam_args)` the runner of stage `name`."""
+  _STAGES[name] = fn
+
+
+def stage(name):
+  """The runner of stage `name`, or None when its package is not installed."""
+  return _STAGES.get(name)
+
+
+def add_export_choice(parser):
+  """--version V | --export_path DIR: which SavedModel a command reads."""
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument('--version', type=int, default=None,
+                     help='export version under RUN_DIR/export (default: the '
+                     'newest)')
+  group.add_argument('--export_path', default=None,
+                     help='a SavedModel folder anywhere')
+
+
+def chosen_export(config, args):
+  """The SavedModel folder that add_export_choice's flags name."""
+  if args.export_path:
+    if not fs.exists(os.path.join(args.export_path, 'saved_model.pb')):
+      raise UserError(f'{args.export_path} is not a SavedModel folder')
+    return fs.abspath(args.export_path)
+  try:
+    return rundir.version_dir(config.rundir.export, args.version)
+  except FileNotFoundError as e:
+    raise UserError(f'{e}: run `estpipe train` or `estpipe export` first')
