@@ -18,9 +18,9 @@ import shutil
 import sys
 import time
 
-from pipeline.errors import UserError
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
+from pipeline.rundir import RunDir
 
 ALL_TYPES = ('baseline', 'linear', 'dnn', 'wide_deep', 'custom',
              'keras:sequential', 'keras:functional', 'keras:subclassed')
@@ -37,9 +37,9 @@ def scratch_run(config, run_dir, kind):
   derived = copy.deepcopy(config)
   shutil.rmtree(run_dir, ignore_errors=True)
   os.makedirs(run_dir)
-  for item in ('transform', 'data', 'preprocess.json'):
-    os.symlink(os.path.abspath(config.rundir.path(item)),
-               os.path.join(run_dir, item))
+  source, target = config.rundir, RunDir(run_dir)
+  for path in ('transform', 'data', 'preprocess_summary'):
+    os.symlink(os.path.abspath(getattr(source, path)), getattr(target, path))
   derived.run_dir = run_dir
   derived.model.type = model_type
   if style:
@@ -50,8 +50,8 @@ def scratch_run(config, run_dir, kind):
 
 def scratch_config(config, kind):
   """`config` training `kind` (type or keras:style) in RUN_DIR/quality/."""
-  derived = scratch_run(config, config.rundir.path('quality', kind.replace(':', '-')),
-                        kind)
+  derived = scratch_run(
+      config, config.rundir.path('quality', kind.replace(':', '-')), kind)
   derived.validate(check_columns=False)
   return derived
 

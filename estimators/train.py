@@ -73,8 +73,8 @@ def warm_start_settings(config):
   source = config.train.warm_start_from
   if not source:
     return None
-  if fs.isdir(os.path.join(source, 'model')):
-    source = os.path.join(source, 'model')
+  if fs.isdir(rundir.RunDir(source).model):
+    source = rundir.RunDir(source).model
   checkpoint = tf.train.latest_checkpoint(source)
   if checkpoint is None:
     raise UserError(f'train.warm_start_from: no checkpoint in {source}')

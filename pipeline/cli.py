@@ -3,7 +3,9 @@
 Every stage command takes the pipeline config and any number of
 `--set key.path=value` overrides; the stage packages add their own commands
 through a `commands.register(subparsers)` function, so this file stays a
-dispatcher.
+dispatcher. Those modules import `pipeline/args.py` and `pipeline/errors.py`,
+never this file: the command line sits above every stage, and only it turns
+a UserError or ConfigError into one `estpipe: ...` line.
 """
 
 import argparse

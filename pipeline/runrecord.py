@@ -13,8 +13,7 @@ import socket
 import uuid
 
 from pipeline import fs
-
-_STAGING = '.staging'
+from pipeline.rundir import RunDir
 
 
 def write_json(path, obj):
@@ -38,7 +37,7 @@ def staging_dir(run_dir, stage):
   Removed on exit; whatever the stage published by `publish` survives. The
   staging root goes too once no other stage uses it.
   """
-  root = os.path.join(run_dir, _STAGING)
+  root = RunDir(run_dir).staging
   path = os.path.join(root, f'{stage}-{uuid.uuid4().hex[:8]}')
   _make_staging(path)
   try:
@@ -83,5 +82,5 @@ def append_history(run_dir, stage, status, summary=None):
           'host': socket.gethostname(), 'pid': os.getpid()}
   if summary:
     line['summary'] = summary
-  with fs.open_file(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
+  with fs.open_file(RunDir(run_dir).history, 'a') as f:
     f.write(json.dumps(line, sort_keys=True, default=str) + '\n')

@@ -29,6 +29,7 @@ from tfx_bsl.coders import example_coder
 from tfx_bsl.public import tfxio
 
 from pipeline import fs
+from pipeline.rundir import RunDir
 from preprocessing import rows as rows_lib
 from preprocessing import schema as schema_lib
 from preprocessing.transform_fn import build_preprocessing_fn
@@ -207,8 +208,12 @@ def tensor_adapter_config(config):
 
 
 def build(pipeline, config, out_dir, start=None):
-  """Adds the preprocessing job to `pipeline`, writing under `out_dir`."""
+  """Adds the preprocessing job to `pipeline`, writing under `out_dir`.
+
+  `out_dir` is laid out as a run directory (a staging one until published).
+  """
   start = start or time.time()
+  staged = RunDir(out_dir)
   adapter = tensor_adapter_config(config)
   for_analysis = pipeline | 'ReadForAnalysis' >> ReadRawData(
       config, report=False)
@@ -217,7 +222,7 @@ def build(pipeline, config, out_dir, start=None):
       | 'Analyze' >> tft_beam.AnalyzeDataset(build_preprocessing_fn(config)))
   written_fn = (transform_fn
                 | 'WriteTransformFn' >> tft_beam.WriteTransformFn(
-                    os.path.join(out_dir, 'transform')))
+                    staged.transform))
   milestone(written_fn, 'ReportAnalysis',
             'analysis done: transform graph written', start)
   raw = pipeline | 'ReadRawData' >> ReadRawData(config)
@@ -228,10 +233,10 @@ def build(pipeline, config, out_dir, start=None):
         | f'Transform{name}' >> tft_beam.TransformDataset(
             output_record_batches=True))
     files = transformed | f'Write{name}' >> WriteExamples(
-        os.path.join(out_dir, 'data', split), split)
+        os.path.join(staged.data, split), split)
     milestone(files, f'Report{name}', f'{split} split written: {{}}', start)
   _ = raw['rejects'] | 'WriteRejects' >> WriteRejects(
-      os.path.join(out_dir, 'rejects', 'rejects'))
+      os.path.join(staged.rejects, 'rejects'))
 
 
 def pipeline_options(beam_args):

@@ -2,11 +2,11 @@
 
 import json
 import logging
-import os
 
 from pipeline import errors
 from pipeline import fs
 from pipeline import runrecord
+from pipeline.rundir import RunDir
 from preprocessing import beam_pipeline
 
 _log = logging.getLogger('estpipe')
@@ -48,7 +48,7 @@ def _check_rejects(config, summary, stage):
   except errors.TooManyRejects:
     # Rejects are published so the user can see why; data and transform
     # are not, and an earlier complete run stays as it was.
-    runrecord.publish(os.path.join(stage, 'rejects'), config.rundir.rejects)
+    runrecord.publish(RunDir(stage).rejects, config.rundir.rejects)
     raise
 
 
@@ -56,7 +56,7 @@ def _publish(layout, stage):
   if fs.exists(layout.preprocess_summary):
     fs.remove(layout.preprocess_summary)
   for name in layout.PREPROCESS_OUTPUTS:
-    runrecord.publish(os.path.join(stage, name), layout.path(name))
+    runrecord.publish(RunDir(stage).path(name), layout.path(name))
 
 
 def _log_summary(summary):
