@@ -5,6 +5,8 @@ numbers must fit the input's dtype (no silent string-to-number parsing).
 TensorProto conversions use the typed value fields, as TF Serving does.
 tf.Example building follows TF Serving's Classify/Regress JSON rules, except
 for features whose kind an estpipe export declares (see `example_kinds`).
+The checks and label text both front ends need live here too
+(`check_input_names`, `label_text`), so REST and gRPC answer alike.
 """
 
 import base64
@@ -174,6 +176,29 @@ def check_shape(arr, name, spec_shape):
       for want, got in zip(spec_shape, arr.shape)):
     raise invalid(f'input {name!r} has shape {shape_str(arr.shape)} but the '
                   f'signature expects {shape_str(spec_shape)}')
+
+
+def check_input_names(signature, names):
+  """Raises a clear error unless `names` are exactly the signature's inputs
+  (both wire formats name inputs; each checks before converting values)."""
+  expected = set(signature.inputs)
+  got = set(names)
+  if got != expected:
+    missing = sorted(expected - got)
+    extra = sorted(got - expected)
+    parts = []
+    if missing:
+      parts.append(f'missing {missing}')
+    if extra:
+      parts.append(f'unexpected {extra}')
+    raise invalid(f'inputs do not match signature {signature.key!r} (inputs '
+                  f'{sorted(expected)}): {"; ".join(parts)}')
+
+
+def label_text(label):
+  """A class label as text for an answer: models give bytes, JSON and
+  ClassificationResult want strings (invalid UTF-8 replaced, not fatal)."""
+  return label.decode('utf-8', 'replace') if isinstance(label, bytes) else label
 
 
 # TensorProto value fields for the dtypes clients send, as TF Serving fills

@@ -156,7 +156,8 @@ def _batching_options(args, batching):
 
 
 def _serve(args):
-  from serving import server  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from serving import grpc_service, rest, server
   # A server's log is its record of loads, swaps and shutdown: keep INFO
   # even where the root logger is quieter.
   if log.level == logging.NOTSET:
@@ -164,7 +165,8 @@ def _serve(args):
   options = serve_options(args)
   _set_tensorflow_threads(args)
   try:
-    server.serve_until_signal(server.ModelServer(options))
+    server.serve_until_signal(server.ModelServer(
+        options, front_ends=(grpc_service.start, rest.start)))
   except OSError as e:
     raise UserError(f'cannot start the server: {e}') from None
   return 0

@@ -36,16 +36,14 @@ _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 class ServingError(Exception):
   """A request failure with the status code a client should see."""
 
-  def __init__(self, code, message, http_status=None):
+  def __init__(self, code, message):
     super().__init__(message)
     self.code = code
     self.message = message
-    # Only for answers HTTP has and gRPC lacks (411, 413).
-    self._http_status = http_status
 
   @property
   def http_status(self):
-    return self._http_status or _HTTP_STATUS.get(self.code, 500)
+    return _HTTP_STATUS.get(self.code, 500)
 
 
 def invalid(message):

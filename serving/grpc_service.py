@@ -2,19 +2,17 @@
 
 tensorflow.serving.PredictionService: Predict, Classify, Regress,
 MultiInference, GetModelMetadata; tensorflow.serving.ModelService:
-GetModelStatus, HandleReloadConfigRequest. Status and metadata responses are
-built here as protos and also rendered as JSON for the REST API, so the two
-always agree.
+GetModelStatus, HandleReloadConfigRequest. Requests become the ModelServer's
+protocol-neutral calls (as REST's do, in serving/rest.py), and status and
+metadata answers come from serving/status.py, which REST shares, so the two
+protocols validate and answer alike.
 """
 
 import concurrent.futures
 import logging
 
 import grpc
-from google.protobuf import json_format
 from tensorflow_serving.apis import classification_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import inference_pb2
 from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -25,30 +23,51 @@ from tensorflow_serving.apis import regression_pb2
 from serving import codec
 from serving import models as models_lib
 from serving.errors import ServingError, invalid
-from serving.versions import END, model_configs
+from serving.status import fill_spec, metadata_response, status_response
+from serving.versions import model_configs
 
 log = logging.getLogger('estpipe')
 
-_STATE = get_model_status_pb2.ModelVersionStatus.State
 
-
-def start(core, host, port, max_workers, max_message_bytes):
-  """Starts the gRPC server; returns (server, bound port)."""
+def start(core):
+  """Opens the gRPC front end of `core` (a ModelServer) on the port its
+  options name; None if they name none."""
+  opts = core.options
+  if opts.grpc_port is None:
+    return None
   server = grpc.server(
-      concurrent.futures.ThreadPoolExecutor(max_workers=max_workers,
+      concurrent.futures.ThreadPoolExecutor(max_workers=opts.grpc_max_workers,
                                             thread_name_prefix='grpc'),
-      options=[('grpc.max_receive_message_length', max_message_bytes),
+      options=[('grpc.max_receive_message_length', opts.max_body_bytes),
                ('grpc.max_send_message_length', -1),
                ('grpc.so_reuseport', 0)])
   prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
       PredictionService(core), server)
   model_service_pb2_grpc.add_ModelServiceServicer_to_server(
       ModelService(core), server)
-  bound = server.add_insecure_port(f'{_host(host)}:{port}')
+  bound = server.add_insecure_port(f'{_host(opts.host)}:{opts.grpc_port}')
   if not bound:
-    raise OSError(f'cannot listen for gRPC on {host}:{port}')
+    raise OSError(f'cannot listen for gRPC on {opts.host}:{opts.grpc_port}')
   server.start()
-  return server, bound
+  log.info('gRPC API at %s:%d', opts.host, bound)
+  return _FrontEnd(server, bound)
+
+
+class _FrontEnd:
+  """The gRPC server as the ModelServer drives its front ends."""
+  name = 'grpc'
+
+  def __init__(self, server, port):
+    self.server = server
+    self.port = port
+    self._stopped = None
+
+  def shutdown(self, grace):
+    """Refuses new RPCs; in-flight ones get `grace` seconds."""
+    self._stopped = self.server.stop(grace)
+
+  def close(self, grace):
+    self._stopped.wait(grace)
 
 
 def _host(host):
@@ -77,13 +96,6 @@ def resolve_spec(core, model_spec):
   version = model_spec.version.value if model_spec.HasField('version') else None
   label = model_spec.version_label or None
   return core.resolve(model_spec.name, version, label)
-
-
-def _fill_spec(spec, servable, signature_key=None):
-  spec.name = servable.name
-  spec.version.value = servable.version
-  if signature_key is not None:
-    spec.signature_name = signature_key
 
 
 def serialized_examples(input_proto, kinds=None):
@@ -131,7 +143,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     outputs = self.core.predict(signature, inputs,
                                 list(request.output_filter))
     response = predict_pb2.PredictResponse()
-    _fill_spec(response.model_spec, servable, signature.key)
+    fill_spec(response.model_spec, servable, signature.key)
     for name, value in outputs.items():
       response.outputs[name].CopyFrom(codec.array_to_proto(value))
     return response
@@ -143,7 +155,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     results = self.core.classify(signature, serialized_examples(
         request.input, servable.raw_features))
     response = classification_pb2.ClassificationResponse()
-    _fill_spec(response.model_spec, servable, signature.key)
+    fill_spec(response.model_spec, servable, signature.key)
     _fill_classifications(response.result, results)
     return response
 
@@ -154,7 +166,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     values = self.core.regress(signature, serialized_examples(
         request.input, servable.raw_features))
     response = regression_pb2.RegressionResponse()
-    _fill_spec(response.model_spec, servable, signature.key)
+    fill_spec(response.model_spec, servable, signature.key)
     _fill_regressions(response.result, values)
     return response
 
@@ -208,7 +220,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     response = inference_pb2.MultiInferenceResponse()
     for method, call in calls:
       result = response.results.add()
-      _fill_spec(result.model_spec, servable, call.signature.key)
+      fill_spec(result.model_spec, servable, call.signature.key)
       if method == models_lib.CLASSIFY_METHOD:
         _fill_classifications(result.classification_result, call.run())
       else:
@@ -263,61 +275,10 @@ def _fill_classifications(result, results):
   for row in results:
     classifications = result.classifications.add()
     for label, score in row:
-      classifications.classes.add(label=_text(label), score=score)
+      classifications.classes.add(label=codec.label_text(label),
+                                  score=score)
 
 
 def _fill_regressions(result, values):
   for value in values:
     result.regressions.add(value=value)
-
-
-def _text(label):
-  return label.decode('utf-8', 'replace') if isinstance(label, bytes) else label
-
-
-def metadata_response(servable):
-  response = get_model_metadata_pb2.GetModelMetadataResponse()
-  _fill_spec(response.model_spec, servable)
-  signatures = get_model_metadata_pb2.SignatureDefMap()
-  for key, signature_def in servable.signature_defs.items():
-    signatures.signature_def[key].CopyFrom(signature_def)
-  response.metadata['signature_def'].Pack(signatures)
-  return response
-
-
-def status_response(core, name, version=None, label=None):
-  response = get_model_status_pb2.GetModelStatusResponse()
-  for number, status in core.statuses(name, version, label):
-    entry = response.model_version_status.add(
-        version=number, state=_STATE.Value(status.state))
-    entry.status.SetInParent()  # TF Serving always reports a status
-    if status.state == END and status.error:
-      entry.status.error_code = 2  # UNKNOWN: the load failed
-      entry.status.error_message = status.error
-  return response
-
-
-def _to_dict(message):
-  try:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True,
-        including_default_value_fields=True)
-  except TypeError:  # protobuf >= 5 renamed the flag
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True)
-
-
-def status_json(core, name, version=None, label=None):
-  return _to_dict(status_response(core, name, version, label))
-
-
-def metadata_json(servable):
-  """TF Serving's REST metadata: model_spec plus the SignatureDefMap."""
-  response = metadata_response(servable)
-  signatures = get_model_metadata_pb2.SignatureDefMap()
-  response.metadata['signature_def'].Unpack(signatures)
-  return {'model_spec': _to_dict(response.model_spec),
-          'metadata': {'signature_def': json_format.MessageToDict(
-              signatures, preserving_proto_field_name=True)}}
-

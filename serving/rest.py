@@ -1,4 +1,4 @@
-"""TF Serving's REST API (v1) on one asyncio event loop.
+"""TF Serving's REST API (v1) over the model server.
 
   GET  /v1/models/NAME[/versions/V | /labels/L]            model status
   GET  /v1/models/NAME[/versions/V | /labels/L]/metadata   signatures
@@ -9,24 +9,22 @@ answers `predictions` or `outputs` in the same format; classify and regress
 take `examples` (+ `context`) and answer `results`. Errors answer
 `{"error": "..."}` with TF Serving's HTTP codes.
 
-One thread runs the event loop: it reads HTTP/1.1 (keep-alive, pipelined
-requests answered in order), parses and validates requests and writes the
-answers. Model calls leave the loop: with batching, a request joins a batch
-and the batch thread hands the outputs back to the loop (no thread waits per
-request); without, it runs on the server's model threads. Requests with
-large bodies are parsed on a model thread too, so they don't hold up the
-loop. Every response leaves in one write with TCP_NODELAY, so a request
-costs one round trip.
+`RestApi` is the application serving/http_server.py hands requests to: it
+maps them to the ModelServer's protocol-neutral calls and their results to
+JSON, so the API can be tested without sockets (`answer`). Status and
+metadata come from serving/status.py, as for gRPC, so the two agree.
+
+Requests are validated on the HTTP server's event loop, and model calls
+leave it: with batching, a request joins a batch and the batch thread hands
+the outputs back to the loop (no thread waits per request); without, it runs
+on the server's model threads. Requests with large bodies are parsed on a
+model thread too, so they don't hold up the loop.
 """
 
 import asyncio
-import concurrent.futures
-import http.server
 import json
 import logging
 import re
-import socket
-import threading
 
 import grpc
 
@@ -36,8 +34,9 @@ except ImportError:  # pragma: no cover
   orjson = None
 
 from serving import codec
+from serving import status
 from serving.errors import ServingError, invalid, not_found
-from serving.server import _check_input_names
+from serving.http_server import HttpServer, LoopHandoff
 
 log = logging.getLogger('estpipe')
 
@@ -46,438 +45,126 @@ _PATH = re.compile(
     r'(?:/versions/(?P<version>[^/:]*)|/labels/(?P<label>[^/:]*))?'
     r'(?:(?P<metadata>/metadata)|:(?P<verb>[^/:]*))?$')
 _VERBS = ('predict', 'classify', 'regress')
-_MAX_LINE = 65536
-_MAX_HEADERS = 100
-# Bodies over the limit up to this size are read and dropped after a 413.
-_DRAIN_LIMIT = 64 << 20
 # Larger bodies are parsed and answered on a model thread, off the loop.
 _INLINE_BODY_BYTES = 64 << 10
-# Bytes read from a connection at a time.
-_READ_BYTES = 64 << 10
-# A request head longer than this is refused line by line.
-_HEAD_BYTES = 16 << 10
-# Reading from a connection pauses while this much waits behind a request.
-_PAUSE_BYTES = 1 << 20
-_REASONS = {status: text for status, (text, _) in
-            http.server.BaseHTTPRequestHandler.responses.items()}
 
 
-def start(core, host, port):
-  """Starts the REST server on its own event loop thread; returns it."""
-  server = RestServer(core)
-  server.start(host, port)
-  return server
+def start(core):
+  """Opens the REST front end of `core` (a ModelServer) on the port its
+  options name; None if they name none."""
+  opts = core.options
+  if opts.rest_port is None:
+    return None
+  host = opts.rest_host or opts.host
+  server = _http_server(core)
+  server.start(host, opts.rest_port)
+  front_end = _FrontEnd(server)
+  log.info('REST API at http://%s:%d/v1/models/%s', host, front_end.port,
+           core.manager.model_names[0])
+  return front_end
 
 
-class RestServer:
-  """The event loop thread, its listening socket and its connections."""
-
-  def __init__(self, core):
-    self.core = core
-    self.loop = None
-    self.server_address = None
-    self.connections = set()
-    self.reads = memoryview(bytearray(_READ_BYTES))  # see _Connection
-    self._listener = None
-    self._thread = None
-    # Calls handed to the loop by other threads (see `from_thread`).
-    self._handed = []
-    self._handed_lock = threading.Lock()
-    self._wakeup_due = False
-
-  def start(self, host, port):
-    started = concurrent.futures.Future()
-    self._thread = threading.Thread(target=self._run, args=(host, port,
-                                                            started),
-                                    name='rest-api', daemon=True)
-    self._thread.start()
-    self.server_address = started.result()  # raises OSError if bind failed
-
-  def _run(self, host, port, started):
-    loop = self.loop = asyncio.new_event_loop()
-    try:
-      self._listener = loop.run_until_complete(loop.create_server(
-          lambda: _Connection(self), host, port, backlog=128,
-          reuse_address=True))
-    except BaseException as e:  # pylint: disable=broad-except
-      started.set_exception(e)
-      loop.close()
-      return
-    started.set_result(self._listener.sockets[0].getsockname()[:2])
-    try:
-      loop.run_forever()
-    finally:
-      loop.close()
-
-  def from_thread(self, fn, *args):
-    """Has the loop call fn(*args) soon; for any thread. A batch thread
-    answering many requests wakes the loop once for all of them."""
-    with self._handed_lock:
-      self._handed.append((fn, args))
-      if self._wakeup_due:
-        return
-      self._wakeup_due = True
-    self.loop.call_soon_threadsafe(self._run_handed)
-
-  def _run_handed(self):
-    with self._handed_lock:
-      handed, self._handed = self._handed, []
-      self._wakeup_due = False
-    for fn, args in handed:
-      try:
-        fn(*args)
-      except Exception:  # pylint: disable=broad-except
-        log.exception('REST: answering a request failed')
-
-  def _in_loop(self, fn, timeout=None):
-    """Runs `fn` on the loop thread and waits for it."""
-    done = concurrent.futures.Future()
-
-    def call():
-      try:
-        done.set_result(fn())
-      except BaseException as e:  # pylint: disable=broad-except
-        done.set_exception(e)
-    self.loop.call_soon_threadsafe(call)
-    return done.result(timeout)
-
-  def shutdown(self):
-    """Stops taking connections; open ones are answered until closed."""
-    if self._thread.is_alive():
-      self._in_loop(self._listener.close)
-
-  def server_close(self, timeout=10):
-    """Closes every connection (after its pending writes), then the loop."""
-    if not self._thread.is_alive():
-      return
-    closed = concurrent.futures.Future()
-
-    def close_all():
-      self._listener.close()
-      for connection in list(self.connections):
-        connection.close()
-      self._when_no_connections(closed)
-    self.loop.call_soon_threadsafe(close_all)
-    try:
-      closed.result(timeout)
-    except concurrent.futures.TimeoutError:
-      log.warning('REST connections still open after %ss; closing', timeout)
-    self.loop.call_soon_threadsafe(self.loop.stop)
-    self._thread.join(timeout)
-
-  def _when_no_connections(self, future):
-    if not self.connections:
-      future.set_result(None)
-    else:
-      self.loop.call_later(0.01, self._when_no_connections, future)
+def answer(core, method, target, body=None):
+  """(HTTP status, JSON answer) of one request to `core`, answered as over
+  HTTP (batching and model threads included) but without sockets."""
+  status_code, payload = _http_server(core).exchange(method, target, body)
+  return status_code, json.loads(payload)
 
 
-class _Request:
-  """One parsed HTTP request, until it is answered."""
-  __slots__ = ('method', 'path', 'version', 'headers', 'close', 'length')
-
-  def __init__(self, method, path, version, headers):
-    self.method = method
-    self.path = path
-    self.version = version
-    self.headers = headers
-    connection = headers.get('connection', '').lower()
-    self.close = connection == 'close' or (
-        version == 'HTTP/1.0' and connection != 'keep-alive')
-    self.length = _content_length_or_none(headers)
-    if self.length is None and 'content-length' in headers:
-      self.close = True  # where this request ends is unknown
+def _http_server(core):
+  return HttpServer(RestApi(core), core.options.max_body_bytes,
+                    limit_name='--max_request_bytes', thread_name='rest-api')
 
 
-class _Reject(Exception):
-  """An HTTP request that cannot be parsed: answered, then closed."""
-
-  def __init__(self, status, message):
-    super().__init__(message)
-    self.status = status
-    self.message = message
-
-
-def _check_request_line(line):
-  """(method, target, version) of a request line; _Reject if malformed."""
-  parts = line.split()
-  if len(parts) != 3 or len(line) > _MAX_LINE:
-    raise _Reject(400, 'malformed HTTP request line')
-  if parts[2] not in ('HTTP/1.1', 'HTTP/1.0'):
-    raise _Reject(505, f'unsupported protocol {parts[2]}')
-  return parts
-
-
-def _head(lines):
-  """A _Request from the lines of a complete head; _Reject if malformed."""
-  method, target, version = _check_request_line(lines[0])
-  if len(lines) > _MAX_HEADERS + 1:
-    raise _Reject(431, f'more than {_MAX_HEADERS} header lines')
-  headers = {}
-  for line in lines[1:]:
-    name, colon, value = line.partition(':')
-    if not colon or len(line) > _MAX_LINE:
-      raise _Reject(400, 'malformed HTTP header line')
-    headers[name.strip().lower()] = value.strip()
-  if method not in ('GET', 'POST'):
-    raise _Reject(405, f'method {method} is not supported; use GET or POST')
-  return _Request(method, target, version, headers)
-
-
-class _Connection(asyncio.BufferedProtocol):
-  """One client connection: requests are parsed and answered in order.
-
-  A BufferedProtocol: reads land in one buffer that all connections share,
-  as the loop copies each read out before the next (the plain Protocol's
-  transport allocates 256 KiB per read, which costs more than parsing a
-  small request).
-  """
+class _FrontEnd:
+  """The HTTP server as the ModelServer drives its front ends."""
+  name = 'rest'
 
   def __init__(self, server):
     self.server = server
-    self.core = server.core
-    self.transport = None
-    self.reads = server.reads
-    self.buffer = bytearray()
-    self.request = None  # parsed head, waiting for its body
-    self.busy = False  # a request is being answered off the loop
-    self.skip = 0  # body bytes of an answered request still to drop
-    self.close_after_skip = False
-    self.closed = False
-    self.paused = False
-    self.eof = False  # the client sends no more
+    self.port = server.server_address[1]
 
-  # asyncio.Protocol
+  def shutdown(self, grace):
+    del grace  # open connections are answered until closed
+    self.server.shutdown()
 
-  def connection_made(self, transport):
-    self.transport = transport
-    sock = transport.get_extra_info('socket')
-    if sock is not None:
-      sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    self.server.connections.add(self)
+  def close(self, grace):
+    del grace  # connections close after their pending writes
+    self.server.server_close()
 
-  def connection_lost(self, exc):
-    self.closed = True
-    self.server.connections.discard(self)
 
-  def get_buffer(self, sizehint):
-    return self.reads
+class RestApi:
+  """The REST API of one ModelServer, as an http_server application."""
 
-  def buffer_updated(self, nbytes):
-    self.data_received(self.reads[:nbytes])
+  def __init__(self, core):
+    self.core = core
+    self._hand_back = None  # to the loop, from batch and model threads
 
-  def data_received(self, data):
-    if self.skip:
-      if len(data) <= self.skip:
-        self.skip -= len(data)
-        if not self.skip and self.close_after_skip:
-          self.close()
-        return
-      data = data[self.skip:]
-      self.skip = 0
-      if self.close_after_skip:
-        self.close()
-        return
-    self.buffer += data
-    if self.busy:
-      if len(self.buffer) > _PAUSE_BYTES and not self.paused:
-        self.paused = True
-        self.transport.pause_reading()
-      return
-    self._process()
+  def error(self, status_code, message):
+    del status_code  # TF Serving's error body is the same for every status
+    return _json({'error': message})
 
-  def eof_received(self):
-    # Half-closed by the client: answer what it sent, then close.
-    self.eof = True
-    if not self.busy:
-      self._process()
-    return True  # keep the transport open for the answers
-
-  def close(self):
-    if not self.closed:
-      self.closed = True
-      self.transport.close()  # after the pending writes
-
-  # Requests
-
-  def _process(self):
-    """Answers the complete requests in the buffer, in order."""
-    while not self.busy and not self.closed:
-      if self.request is None:
-        if not self.buffer:
-          break
-        try:
-          self.request = self._parse_head()
-        except _Reject as e:
-          self._answer(None, e.status, {'error': e.message}, close=True)
-          return
-        if self.request is None:
-          break  # an incomplete head: wait for more
-        if self.request.headers.get('expect', '').lower() == '100-continue':
-          self.transport.write(b'HTTP/1.1 100 Continue\r\n\r\n')
-      if not self._handle(self.request):
-        break  # the body is still arriving
-    if self.busy or self.closed:
-      return
-    if self.eof:
-      self.close()
-    elif self.paused:
-      self.paused = False
-      self.transport.resume_reading()
-
-  def _parse_head(self):
-    """The next request's head (consumed), None if incomplete; _Reject."""
-    buffer = self.buffer
-    end = buffer.find(b'\r\n\r\n', 0, _HEAD_BYTES)
-    if end >= 0:
-      head = buffer[:end].decode('latin-1')
-      lines = head.split('\r\n')
-      if head.count('\n') == len(lines) - 1:  # no bare LF line ends
-        del buffer[:end + 4]
-        return _head(lines)
-    return self._parse_head_by_lines()
-
-  def _parse_head_by_lines(self):
-    """_parse_head for heads not yet complete or with bare LF line ends:
-    lines are checked as they arrive, so an endless one is refused."""
-    buffer = self.buffer
-    lines = []
-    start = 0
-    while True:
-      end = buffer.find(b'\n', start, start + _MAX_LINE + 1)
-      if end < 0:
-        if len(buffer) - start > _MAX_LINE:
-          raise _Reject(400, 'malformed HTTP header line' if lines else
-                        'malformed HTTP request line')
-        if lines:
-          _check_request_line(lines[0])  # refused before the rest arrives
-        return None
-      line = buffer[start:end].decode('latin-1')
-      start = end + 1
-      if line.endswith('\r'):
-        line = line[:-1]
-      if lines and not line:
-        break
-      lines.append(line)
-      if len(lines) > _MAX_HEADERS + 1:
-        raise _Reject(431, f'more than {_MAX_HEADERS} header lines')
-    del buffer[:start]
-    return _head(lines)
-
-  def _handle(self, request):
-    """Answers or starts answering `request`; False to wait for its body."""
+  def head(self, request):
+    """Answers status and metadata; checks a verb's URL before its body."""
     core = self.core
-    if 'transfer-encoding' in request.headers:
-      request.close = True  # unsupported: its end can't be found
     try:
       if core.draining:
         request.close = True
         raise ServingError(grpc.StatusCode.UNAVAILABLE,
                            'the server is shutting down')
-      route = _route(request.method, request.path)
+      route = request.state = _route(request.method, request.target)
       if route.verb is None:
-        return self._answer(request, 200, _get(core, route))
-      limit = core.options.max_body_bytes
-      length = _body_length(request, limit)
-    except ServingError as e:
-      return self._answer(request, e.http_status, {'error': e.message})
+        return 200, _json(_get(core, route))
     except Exception as e:  # pylint: disable=broad-except
-      log.exception('REST %s %s failed', request.method, request.path)
-      return self._answer(request, 500, {'error': f'Internal error: {e}'})
-    if len(self.buffer) < length:
-      return False
-    body = bytes(self.buffer[:length])
-    del self.buffer[:length]
-    request.length = None  # the body is read
+      return _error_answer(request, e)
+    return None
+
+  def handle(self, request):
+    """Starts a verb's model call; its answer follows on the loop."""
+    core = self.core
+    hand_back = self._hand_back
+    if hand_back is None:  # the first call: this is the server's loop
+      hand_back = self._hand_back = LoopHandoff(asyncio.get_running_loop())
     core.begin_request()
-    if length > _INLINE_BODY_BYTES:
-      self.busy = True
-      core.model_pool.submit(
-          self._answer_off_loop, request, route, body)
-      return True
+    if len(request.body) > _INLINE_BODY_BYTES:
+      core.model_pool.submit(self._answer_off_loop, request, hand_back)
+      return None
     try:
-      call, answer = _start_verb(core, route, body)
+      call, answer_of = _start_verb(core, request.state, request.body)
     except Exception as e:  # pylint: disable=broad-except
       core.end_request()
-      return self._answer(request, *_error_answer(request, e))
-    self.busy = True
-    from_thread = self.server.from_thread
+      return _error_answer(request, e)
 
     def done(outputs, error):  # on a batch or model thread
-      from_thread(self._model_done, request, call, answer, outputs, error)
+      hand_back(self._model_done, request, call, answer_of, outputs, error)
     try:
       call.start(done)
     except Exception as e:  # pylint: disable=broad-except
-      self._model_done(request, call, answer, None, e)
-    return True
+      self._model_done(request, call, answer_of, None, e)
+    return None
 
-  def _model_done(self, request, call, answer, outputs, error):
+  def _model_done(self, request, call, answer_of, outputs, error):
     try:
       if error is not None:
         raise error
-      status, body = 200, answer(call.finish(outputs))
+      status_code, payload = 200, _json(answer_of(call.finish(outputs)))
     except Exception as e:  # pylint: disable=broad-except
-      status, body = _error_answer(request, e)
-    self._finish(request, status, _json(body))
+      status_code, payload = _error_answer(request, e)
+    self._respond(request, status_code, payload)
 
-  def _answer_off_loop(self, request, route, body):
+  def _answer_off_loop(self, request, hand_back):
     """Parses, runs and answers a large request on a model thread."""
     try:
-      call, answer = _start_verb(self.core, route, body)
-      status, body = 200, answer(call.run())
+      call, answer_of = _start_verb(self.core, request.state, request.body)
+      status_code, payload = 200, _json(answer_of(call.run()))
     except Exception as e:  # pylint: disable=broad-except
-      status, body = _error_answer(request, e)
-    self.server.from_thread(self._finish, request, status, _json(body))
+      status_code, payload = _error_answer(request, e)
+    hand_back(self._respond, request, status_code, payload)
 
-  def _finish(self, request, status, payload):
-    """Answers a request that was in flight, then goes on reading."""
-    self.busy = False
+  def _respond(self, request, status_code, payload):
+    """Answers a request that was in flight; on the loop."""
     self.core.end_request()
-    self._send(request, status, payload)
-    self._process()
-
-  def _answer(self, request, status, body, close=False):
-    """Answers a request without a model call; True to go on reading."""
-    payload = _json(body)
-    if request is None or close:
-      self._send(request, status, payload, close=True)
-      return False
-    # A body that was not read is dropped as it arrives (keeping the
-    # connection), or, over the size limit, read up to a point and the
-    # connection closed: the client sees the answer, not a reset.
-    unread, request.length = request.length or 0, None
-    if unread > self.core.options.max_body_bytes:
-      request.close = True
-      if unread > _DRAIN_LIMIT:
-        unread = 0  # not worth reading: close now
-    dropped = min(unread, len(self.buffer))
-    del self.buffer[:dropped]
-    self.skip = unread - dropped
-    if self.skip and request.close:
-      self.close_after_skip = True
-      self._send(request, status, payload, close=False, close_header=True)
-      return False
-    self._send(request, status, payload)
-    return not self.closed
-
-  def _send(self, request, status, payload, close=None, close_header=None):
-    """Writes one response; closes the connection if it must."""
-    self.request = None
-    if close is None:
-      close = request.close or self.core.draining
-    if close_header is None:
-      close_header = close
-    head = (f'HTTP/1.1 {status} {_REASONS.get(status, "")}\r\n'
-            f'Content-Type: application/json\r\n'
-            f'Content-Length: {len(payload)}\r\n')
-    if close_header:
-      head += 'Connection: close\r\n'
-    elif request is not None and request.version == 'HTTP/1.0':
-      head += 'Connection: keep-alive\r\n'
-    if not self.closed:
-      self.transport.write(head.encode('latin-1') + b'\r\n' + payload)
-    if close:
-      self.close()
+    request.respond(status_code, payload)
 
 
 def _json(body):
@@ -497,12 +184,12 @@ def _json(body):
 
 
 def _error_answer(request, error):
-  """(HTTP status, body) of a failed request."""
+  """(HTTP status, payload) of a failed request."""
   if isinstance(error, ServingError):
-    return error.http_status, {'error': error.message}
-  log.error('REST %s %s failed', request.method, request.path,
+    return error.http_status, _json({'error': error.message})
+  log.error('REST %s %s failed', request.method, request.target,
             exc_info=(type(error), error, error.__traceback__))
-  return 500, {'error': f'Internal error: {error}'}
+  return 500, _json({'error': f'Internal error: {error}'})
 
 
 class _Route:
@@ -554,27 +241,10 @@ def _parse_route(method, target):
 
 
 def _get(core, route):
-  from serving import grpc_service  # pylint: disable=g-import-not-at-top
   if route.metadata:
     servable = core.resolve(route.name, route.version, route.label)
-    return grpc_service.metadata_json(servable)
-  return grpc_service.status_json(core, route.name, route.version,
-                                  route.label)
-
-
-def _body_length(request, limit):
-  """The length of a verb request's body; ServingError if unusable."""
-  if 'transfer-encoding' in request.headers:
-    raise _http_error(411, 'chunked request bodies are not supported; '
-                      'send a Content-Length')
-  length = _content_length(request.headers)
-  if length is None:
-    raise _http_error(411, 'a request body with a Content-Length header '
-                      'is required')
-  if length > limit:
-    raise _http_error(413, f'request body is {length} bytes; the limit '
-                      f'is {limit} bytes (--max_request_bytes)')
-  return length
+    return status.metadata_json(servable)
+  return status.status_json(core, route.name, route.version, route.label)
 
 
 def _start_verb(core, route, data):
@@ -590,38 +260,12 @@ def _start_verb(core, route, data):
   return _VERB_HANDLERS[route.verb](core, servable, body)
 
 
-def _http_error(status, message):
-  return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message,
-                      http_status=status)
-
-
 def _version(text):
   if text is None:
     return None
   if not text.isdigit():
     raise invalid(f'model version must be a positive integer, got {text!r}')
   return int(text)
-
-
-def _content_length_or_none(headers):
-  """The Content-Length, or None if absent or malformed."""
-  try:
-    return _content_length(headers)
-  except ServingError:
-    return None
-
-
-def _content_length(headers):
-  text = headers.get('content-length')
-  if text is None:
-    return None
-  try:
-    length = int(text)
-  except ValueError:
-    raise invalid(f'bad Content-Length {text!r}') from None
-  if length < 0:
-    raise invalid(f'bad Content-Length {text!r}')
-  return length
 
 
 def _signature(servable, body):
@@ -672,7 +316,7 @@ def _rows_to_arrays(instances, signature):
         raise invalid(f'instances[{i}] names inputs {_keys(instance)}, but '
                       f'instances[0] names {sorted(names)}; every instance '
                       'must name the same inputs')
-    _check_input_names(signature, names)
+    codec.check_input_names(signature, names)
     columns = {name: [instance[name] for instance in instances]
                for name in names}
   elif len(signature.inputs) == 1:
@@ -686,7 +330,7 @@ def _rows_to_arrays(instances, signature):
 
 def _columns_to_arrays(inputs, signature):
   if _is_named(inputs):
-    _check_input_names(signature, set(inputs))
+    codec.check_input_names(signature, set(inputs))
     columns = inputs
   elif len(signature.inputs) == 1:
     columns = {next(iter(signature.inputs)): inputs}
@@ -743,7 +387,7 @@ def _classify(core, servable, body):
 
 
 def _classify_answer(results):
-  return {'results': [[[_text(label), score] for label, score in result]
+  return {'results': [[[codec.label_text(label), score] for label, score in result]
                       for result in results]}
 
 
@@ -755,10 +399,6 @@ def _regress(core, servable, body):
 
 def _regress_answer(values):
   return {'results': values}
-
-
-def _text(label):
-  return label.decode('utf-8', 'replace') if isinstance(label, bytes) else label
 
 
 _VERB_HANDLERS = {'predict': _predict, 'classify': _classify,

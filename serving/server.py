@@ -1,9 +1,16 @@
-"""The model server: versions, batching, REST and gRPC in one process.
+"""The model server: versions, batching and front ends in one process.
 
-`ModelServer` owns the model manager and the two front ends and implements
-the protocol-neutral operations (predict / classify / regress on numpy
-values) that serving/rest.py and serving/grpc_service.py translate to and
-from their wire formats, so both protocols validate and answer alike.
+`ModelServer` owns the model manager and implements the protocol-neutral
+operations (predict / classify / regress on numpy values) that its front
+ends (serving/rest.py and serving/grpc_service.py) translate to and from
+their wire formats, so both protocols validate and answer alike.
+
+The front ends are handed to it (`estpipe serve` hands both) rather than
+imported here: they depend on this core, not the other way round. Each is a
+callable `start(server)` that opens one on the port the options name (None
+if they name none) and returns an object with `name`, `port`,
+`shutdown(grace)` (take no new requests) and `close(grace)` (called once the
+requests in flight are answered).
 
 Each operation is validated into a `Call` (a signature, its inputs and how
 to turn the signature's outputs into the answer). `Call.run()` runs it in the
@@ -11,7 +18,6 @@ calling thread; `Call.start(callback)` runs it without holding a thread
 (batched, or on the server's model threads) for the event-loop REST front
 end.
 """
-
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -24,7 +30,7 @@ import numpy as np
 
 from serving import models as models_lib
 from serving.batching import Batcher, BatchingOptions
-from serving.codec import check_shape, dtype_name
+from serving.codec import check_input_names, check_shape, dtype_name
 from serving.errors import invalid
 from serving.versions import ConfigFilePoller, ModelConfig, ModelManager
 
@@ -49,16 +55,18 @@ class ServerOptions:
   batching: Optional[BatchingOptions] = None
   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
   grpc_max_workers: int = 32
-  # Threads for unbatched model calls of the REST front end (whose requests
-  # are read and answered on one event loop). Python's default pool size.
+  # Threads for unbatched model calls started without waiting (Call.start:
+  # the REST front end's, whose requests share one event loop). Python's
+  # default pool size.
   model_threads: int = min(32, (os.cpu_count() or 1) + 4)
   shutdown_grace_seconds: float = 30.0
 
 
 class ModelServer:
-  """Serves the configured models until `stop()`."""
+  """Serves the configured models until `stop()`, over the front ends
+  handed to it (see the module docstring)."""
 
-  def __init__(self, options):
+  def __init__(self, options, front_ends=()):
     self.options = options
     self.batcher = Batcher(options.batching) if options.batching else None
     self.manager = ModelManager(options.models, options.poll_wait_seconds,
@@ -67,12 +75,24 @@ class ModelServer:
     self._inflight_lock = threading.Lock()
     self._idle = threading.Condition(self._inflight_lock)
     self.draining = False
-    self._rest = None
-    self._grpc = None
-    self.model_pool = None  # threads for unbatched REST model calls
+    self._front_end_starts = tuple(front_ends)
+    self.front_ends = []  # the open ones
+    self.model_pool = None  # threads for unbatched Call.start calls
     self.config_poller = None
-    self.grpc_port = None
-    self.rest_port = None
+
+  @property
+  def grpc_port(self):
+    return self._port('grpc')
+
+  @property
+  def rest_port(self):
+    return self._port('rest')
+
+  def _port(self, name):
+    for front_end in self.front_ends:
+      if front_end.name == name:
+        return front_end.port
+    return None
 
   def _attach_batcher(self, servable):
     if self.batcher is not None:
@@ -80,7 +100,7 @@ class ModelServer:
         signature.batcher = self.batcher
 
   def start(self):
-    """Loads the current versions, then opens the ports."""
+    """Loads the current versions, then opens the front ends' ports."""
     opts = self.options
     if opts.model_config_file and opts.model_config_poll_seconds > 0:
       self.config_poller = ConfigFilePoller(
@@ -88,36 +108,25 @@ class ModelServer:
     self.manager.start()
     if self.config_poller is not None:
       self.config_poller.start()
-    if opts.grpc_port is not None:
-      from serving import grpc_service  # pylint: disable=g-import-not-at-top
-      self._grpc, self.grpc_port = grpc_service.start(
-          self, opts.host, opts.grpc_port, opts.grpc_max_workers,
-          opts.max_body_bytes)
-      log.info('gRPC API at %s:%d', opts.host, self.grpc_port)
-    if opts.rest_port is not None:
-      from serving import rest  # pylint: disable=g-import-not-at-top
-      self.model_pool = concurrent.futures.ThreadPoolExecutor(
-          opts.model_threads, thread_name_prefix='model')
-      host = opts.rest_host or opts.host
-      self._rest = rest.start(self, host, opts.rest_port)
-      self.rest_port = self._rest.server_address[1]
-      log.info('REST API at http://%s:%d/v1/models/%s', host, self.rest_port,
-               self.manager.model_names[0])
+    # Threads start as calls need them: none where nothing uses Call.start.
+    self.model_pool = concurrent.futures.ThreadPoolExecutor(
+        opts.model_threads, thread_name_prefix='model')
+    for start in self._front_end_starts:
+      front_end = start(self)
+      if front_end is not None:
+        self.front_ends.append(front_end)
     return self
 
   def stop(self, grace=None):
     """Stops taking requests, finishes the in-flight ones, then stops."""
     grace = self.options.shutdown_grace_seconds if grace is None else grace
     self.draining = True
-    if self._rest is not None:
-      self._rest.shutdown()  # no new connections; open ones close after
-    stopped = self._grpc.stop(grace) if self._grpc is not None else None
+    for front_end in self.front_ends:
+      front_end.shutdown(grace)
     with self._idle:
       self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
-    if stopped is not None:
-      stopped.wait(grace)
-    if self._rest is not None:
-      self._rest.server_close()
+    for front_end in self.front_ends:
+      front_end.close(grace)
     if self.model_pool is not None:
       self.model_pool.shutdown()
     if self.batcher is not None:
@@ -172,7 +181,7 @@ class ModelServer:
 
   def predict_call(self, signature, inputs, output_filter=None):
     """The validated Call of `predict`."""
-    _check_input_names(signature, inputs)
+    check_input_names(signature, inputs)
     checks = signature.input_checks
     for name, value in inputs.items():
       want, strings, rank, fixed = checks[name]
@@ -291,21 +300,6 @@ def _run_for(signature, inputs, callback):
     callback(None, e)
   else:
     callback(outputs, None)
-
-
-def _check_input_names(signature, inputs):
-  expected = set(signature.inputs)
-  got = set(inputs)
-  if got != expected:
-    missing = sorted(expected - got)
-    extra = sorted(got - expected)
-    parts = []
-    if missing:
-      parts.append(f'missing {missing}')
-    if extra:
-      parts.append(f'unexpected {extra}')
-    raise invalid(f'inputs do not match signature {signature.key!r} (inputs '
-                  f'{sorted(expected)}): {"; ".join(parts)}')
 
 
 def serve_until_signal(server):

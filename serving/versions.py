@@ -12,6 +12,10 @@ The model list itself can change while serving (`ModelManager.reconfigure`,
 from a re-read --model_config_file or gRPC HandleReloadConfigRequest): added
 models are loaded, removed ones unloaded, and changed version policies and
 labels applied, with the same load-then-swap rule.
+
+Both the base paths and a --model_config_file are re-read by one small
+poller (a thread waiting on an Event between rounds, so stop() is prompt and
+a failed round is logged rather than ending the polling).
 """
 
 import dataclasses
@@ -131,8 +135,8 @@ class ModelManager:
     self._poll_wait = poll_wait_seconds
     self._on_load = on_load or (lambda servable: None)
     self._lock = threading.Lock()  # guards status dicts and polling
-    self._stop = threading.Event()
-    self._thread = None
+    self._poller = _Poller(self.poll, poll_wait_seconds, 'version-poller',
+                           'polling model base paths failed; retrying')
 
   @property
   def model_names(self):
@@ -145,21 +149,10 @@ class ModelManager:
     if self._poll_wait >= 0:
       self.poll()
     if self._poll_wait > 0:
-      self._thread = threading.Thread(target=self._poll_loop,
-                                      name='version-poller', daemon=True)
-      self._thread.start()
+      self._poller.start()
 
   def stop(self):
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
-
-  def _poll_loop(self):
-    while not self._stop.wait(self._poll_wait):
-      try:
-        self.poll()
-      except Exception:  # pylint: disable=broad-except
-        log.exception('polling model base paths failed; retrying')
+    self._poller.stop()
 
   def poll(self):
     with self._lock:
@@ -324,21 +317,22 @@ class ModelManager:
     return self._model(name).config
 
 
-class ConfigFilePoller:
-  """Re-reads a --model_config_file every `seconds` and, when its text
-  changed, applies it (ModelManager.reconfigure). A file that cannot be
-  read or parsed is logged, with the reason, and the config in force kept."""
+class _Poller:
+  """Calls `poll` every `seconds` on a thread of its own, from start() to
+  stop(). A failed round is logged (`failed`: a log message, with `args`)
+  and the next round tries again: one bad moment on disk must not end the
+  polling."""
 
-  def __init__(self, path, seconds, manager):
-    self.path = path
-    self.seconds = seconds
-    self.manager = manager
-    self._last = self._read()  # the text the server started from
+  def __init__(self, poll, seconds, name, failed, *args):
+    self._poll = poll
+    self._seconds = seconds
+    self._name = name
+    self._failed = (failed, *args)
     self._stop = threading.Event()
     self._thread = None
 
   def start(self):
-    self._thread = threading.Thread(target=self._loop, name='config-poller',
+    self._thread = threading.Thread(target=self._loop, name=self._name,
                                     daemon=True)
     self._thread.start()
 
@@ -348,12 +342,25 @@ class ConfigFilePoller:
       self._thread.join()
 
   def _loop(self):
-    while not self._stop.wait(self.seconds):
+    while not self._stop.wait(self._seconds):
       try:
-        self.check()
+        self._poll()
       except Exception:  # pylint: disable=broad-except
-        log.exception('applying %s failed; keeping the current config',
-                      self.path)
+        log.exception(*self._failed)
+
+
+class ConfigFilePoller(_Poller):
+  """Re-reads a --model_config_file every `seconds` and, when its text
+  changed, applies it (ModelManager.reconfigure). A file that cannot be
+  read or parsed is logged, with the reason, and the config in force kept."""
+
+  def __init__(self, path, seconds, manager):
+    super().__init__(self.check, seconds, 'config-poller',
+                     'applying %s failed; keeping the current config', path)
+    self.path = path
+    self.seconds = seconds
+    self.manager = manager
+    self._last = self._read()  # the text the server started from
 
   def _read(self):
     try:

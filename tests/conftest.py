@@ -87,3 +87,33 @@ def fresh_copy(tmp_path):
     shutil.copy(path, dst)
     return str(dst)
   return copy
+
+
+# The model server's tiny models (serving/tiny_models.py), trained once for
+# test_server.py and test_rest_api.py.
+
+@pytest.fixture(scope='session')
+def exports(tmp_path_factory):
+  """{'classifier': dir, 'regressor': dir} of finished SavedModels."""
+  from serving import tiny_models  # pylint: disable=g-import-not-at-top
+  work = tmp_path_factory.mktemp('server_models')
+  return {kind: tiny_models.train_and_export(kind, str(work / kind))
+          for kind in tiny_models.KINDS}
+
+
+@pytest.fixture(scope='session')
+def model_root(exports, tmp_path_factory):
+  """Base paths in TF Serving layout: cls/1, reg/1 and reg/2."""
+  root = tmp_path_factory.mktemp('model_root')
+  shutil.copytree(exports['classifier'], root / 'cls' / '1')
+  shutil.copytree(exports['regressor'], root / 'reg' / '1')
+  shutil.copytree(exports['regressor'], root / 'reg' / '2')
+  return root
+
+
+@pytest.fixture(scope='session')
+def local(exports):
+  """The SavedModels loaded in process: the expected answers."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return {kind: tf.saved_model.load(path)
+          for kind, path in exports.items()}

@@ -1,9 +1,11 @@
 """The model server against TF Serving's real clients, on tiny canned models.
 
-A session fixture trains a LinearClassifier and a LinearRegressor for a few
-steps and exports them with a parsing receiver plus a per-feature ('raw')
-alternative (serving/tiny_models.py, shared with benchmarks/bench_serving.py);
-every answer is compared with calling the SavedModel in process.
+Session fixtures (tests/conftest.py) train a LinearClassifier and a
+LinearRegressor for a few steps and export them with a parsing receiver plus
+a per-feature ('raw') alternative (serving/tiny_models.py, shared with
+benchmarks/bench_serving.py); every answer is compared with calling the
+SavedModel in process. tests/test_rest_api.py checks the REST API's answers
+without sockets; this file, the servers as clients see them.
 """
 
 import base64
@@ -38,7 +40,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.apis import regression_pb2
 
-from serving import tiny_models
+from serving import grpc_service, rest
 from serving.batching import BatchingOptions, parse_batching_parameters
 from serving.server import ModelServer, ServerOptions
 from serving.versions import ModelConfig, parse_model_config_text
@@ -46,30 +48,8 @@ from serving.versions import ModelConfig, parse_model_config_text
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [(0.2, 'a'), (0.9, 'b'), (0.5, 'zzz')]  # 'zzz' is out of vocabulary
 
-
-@pytest.fixture(scope='session')
-def exports(tmp_path_factory):
-  """{'classifier': dir, 'regressor': dir} of finished SavedModels."""
-  work = tmp_path_factory.mktemp('server_models')
-  return {kind: tiny_models.train_and_export(kind, str(work / kind))
-          for kind in tiny_models.KINDS}
-
-
-@pytest.fixture(scope='session')
-def model_root(exports, tmp_path_factory):
-  """Base paths in TF Serving layout: cls/1, reg/1 and reg/2."""
-  root = tmp_path_factory.mktemp('model_root')
-  shutil.copytree(exports['classifier'], root / 'cls' / '1')
-  shutil.copytree(exports['regressor'], root / 'reg' / '1')
-  shutil.copytree(exports['regressor'], root / 'reg' / '2')
-  return root
-
-
-@pytest.fixture(scope='session')
-def local(exports):
-  """The SavedModels loaded in process: the expected answers."""
-  return {kind: tf.saved_model.load(path)
-          for kind, path in exports.items()}
+# What `estpipe serve` opens: the REST and gRPC front ends.
+FRONT_ENDS = (grpc_service.start, rest.start)
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +59,7 @@ def server(model_root):
                          labels={'stable': 1, 'canary': 2})]
   options = ServerOptions(models=configs, grpc_port=0, rest_port=0,
                           poll_wait_seconds=0, max_body_bytes=100_000)
-  srv = ModelServer(options).start()
+  srv = ModelServer(options, FRONT_ENDS).start()
   yield srv
   srv.stop(grace=5)
 
@@ -590,7 +570,7 @@ def test_batching_merges_concurrent_requests(model_root, local):
       rest_port=0, poll_wait_seconds=0,
       batching=BatchingOptions(max_batch_size=16, batch_timeout_micros=20000,
                                num_batch_threads=1))
-  srv = ModelServer(options).start()
+  srv = ModelServer(options, FRONT_ENDS).start()
   try:
     fn = local['classifier'].signatures['raw:predict']
     xs = np.linspace(0, 1, 24).astype(np.float32)
@@ -670,7 +650,7 @@ def test_model_config_file_is_polled_and_applied(model_root, tmp_path,
   srv = ModelServer(ServerOptions(
       models=parse_model_config_text(config.read_text()), grpc_port=None,
       rest_port=0, poll_wait_seconds=0, model_config_file=str(config),
-      model_config_poll_seconds=0.05)).start()
+      model_config_poll_seconds=0.05), FRONT_ENDS).start()
   try:
     assert _rest_regress(srv, 'cls').status_code == 200
     # Add reg (version 1 only, a label), remove cls: the poller applies it.
@@ -735,7 +715,7 @@ def test_model_config_reload_keeps_serving_a_moved_model(model_root,
 def test_grpc_handle_reload_config_request(model_root):
   srv = ModelServer(ServerOptions(
       models=[ModelConfig('cls', str(model_root / 'cls'))], grpc_port=0,
-      rest_port=None, poll_wait_seconds=0)).start()
+      rest_port=None, poll_wait_seconds=0), FRONT_ENDS).start()
   channel = grpc.insecure_channel(f'127.0.0.1:{srv.grpc_port}')
   try:
     stub = model_service_pb2_grpc.ModelServiceStub(channel)
@@ -789,7 +769,7 @@ def test_new_version_swaps_in_without_failed_requests(exports, tmp_path):
   _publish(exports['classifier'], str(base), 1)
   options = ServerOptions(models=[ModelConfig('cls', str(base))],
                           grpc_port=0, rest_port=0, poll_wait_seconds=0.2)
-  srv = ModelServer(options).start()
+  srv = ModelServer(options, FRONT_ENDS).start()
   channel = grpc.insecure_channel(f'127.0.0.1:{srv.grpc_port}')
   stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
   stop = threading.Event()
@@ -845,7 +825,7 @@ def test_broken_version_is_skipped_and_reported(exports, tmp_path):
   (broken / 'saved_model.pb').write_bytes(b'not a SavedModel')
   options = ServerOptions(models=[ModelConfig('cls', str(base))],
                           grpc_port=None, rest_port=0, poll_wait_seconds=0)
-  srv = ModelServer(options).start()
+  srv = ModelServer(options, FRONT_ENDS).start()
   try:
     # The newest version failed to load, so the one before it serves.
     assert srv.resolve('cls').version == 1

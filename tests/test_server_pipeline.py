@@ -22,8 +22,12 @@ tf = pytest.importorskip('tensorflow')
 export_lib = pytest.importorskip('serving.export')
 
 # pylint: disable=g-import-not-at-top,redefined-outer-name
+from serving import grpc_service, rest
 from serving.server import ModelServer, ServerOptions
 from serving.versions import ModelConfig
+
+# What `estpipe serve` opens: the REST and gRPC front ends.
+FRONT_ENDS = (grpc_service.start, rest.start)
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +66,7 @@ def server(exported_run, tmp_path_factory):
   srv = ModelServer(ServerOptions(
       models=[ModelConfig('census', config.rundir.export),
               ModelConfig('legacy', str(legacy))],
-      grpc_port=0, rest_port=0, poll_wait_seconds=0)).start()
+      grpc_port=0, rest_port=0, poll_wait_seconds=0), FRONT_ENDS).start()
   yield srv
   srv.stop(grace=5)
 
