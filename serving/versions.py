@@ -28,6 +28,8 @@ from typing import Dict, Optional, Tuple
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from pipeline import fs
+from pipeline import rundir
 from serving.errors import invalid, not_found
 from serving.models import ServableVersion, is_complete_export
 
@@ -229,23 +231,18 @@ class ModelManager:
   def _candidates(self, model):
     """{version: path} of finished exports, minus ones that failed as is."""
     base = model.config.base_path
-    try:
-      names = os.listdir(base)
-    except OSError as e:
+    if not fs.isdir(base):
       if not model.missing_logged:
-        log.warning('model %s: cannot list base path %s: %s',
-                    model.config.name, base, e.strerror)
+        log.warning('model %s: cannot list base path %s: no such folder',
+                    model.config.name, base)
         model.missing_logged = True
       return None
     model.missing_logged = False
     candidates = {}
-    for name in names:
-      path = os.path.join(base, name)
-      if not (name.isdigit() and name.isascii()) or not os.path.isdir(path):
-        continue
+    for version in rundir.list_versions(base):
+      path = os.path.join(base, str(version))
       if not is_complete_export(path):
         continue
-      version = int(name)
       if model.failed.get(version) == _stamp(path):
         continue  # failed before and unchanged since
       candidates[version] = path
