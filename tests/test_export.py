@@ -354,7 +354,7 @@ def test_verify_export_names_first_row_of_a_wrong_transform(
   """An export built with a stale vocabulary fails at the first row using it."""
   config, good_path = census_export
   tampered = serving_helpers.copy_preprocessed(config, tmp_path / 'tampered')
-  vocab = os.path.join(tampered.transform_dir, 'transform_fn', 'assets',
+  vocab = os.path.join(tampered.rundir.transform, 'transform_fn', 'assets',
                        'workclass')
   with open(vocab) as f:
     words = f.read().splitlines()
