@@ -9,6 +9,8 @@ import tensorflow as tf
 # read_eval_metrics is not in the public API of this Estimator release.
 from tensorflow_estimator.python.estimator import early_stopping
 
+from pipeline import signatures
+
 log = logging.getLogger('estpipe')
 
 # Eval metrics shown in progress lines, when the model reports them.
@@ -79,7 +81,7 @@ class ProgressHook(tf.estimator.SessionRunHook):
 
 def regression_metrics(labels, predictions):
   """RMSE and MAE, which the canned regressors do not report themselves."""
-  values = predictions['predictions']
+  values = predictions[signatures.PREDICTIONS]
   labels = tf.reshape(tf.cast(labels, values.dtype), tf.shape(values))
   return {
       'rmse': tf.compat.v1.metrics.root_mean_squared_error(labels, values),

@@ -3,13 +3,15 @@
 All three take the dict of transformed features, turn it into one dense
 vector with the deep feature columns (`DenseFeatures`), apply a `CrossLayer`
 (a custom layer: explicit feature crosses, as in Deep & Cross networks), then
-the hidden layers. The output layer is named like the canned predictions:
-`logistic` (binary), `probabilities` (multiclass), `predictions`
-(regression).
+the hidden layers. The output layer is named like the canned predictions
+(pipeline/signatures.py): `logistic` (binary), `probabilities` (multiclass),
+`predictions` (regression).
 """
 
 import tensorflow as tf
 
+from estimators import optimizers
+from pipeline import signatures
 from pipeline.errors import ConfigError
 
 
@@ -58,16 +60,14 @@ class CrossLayer(tf.keras.layers.Layer):
     return cls(**config)
 
 
-
-
 def output_spec(config):
   """(units, activation, name) of the output layer for the label's task."""
   task = config.label.task
   if task == 'binary':
-    return 1, 'sigmoid', 'logistic'
+    return 1, 'sigmoid', signatures.LOGISTIC
   if task == 'multiclass':
-    return config.label.n_classes, 'softmax', 'probabilities'
-  return 1, None, 'predictions'
+    return config.label.n_classes, 'softmax', signatures.PROBABILITIES
+  return 1, None, signatures.PREDICTIONS
 
 
 def build(config, columns):
@@ -264,10 +264,9 @@ CUSTOM_OBJECTS = {'CrossLayer': CrossLayer,
 
 def compile_model(model, config):
   """Loss, metrics and optimizer for the label's task (legacy optimizers)."""
-  from estimators import models  # pylint: disable=g-import-not-at-top
   task = config.label.task
-  optimizer = models.optimizer_for(config, config.model.optimizer,
-                                   config.model.learning_rate)()
+  optimizer = optimizers.optimizer_for(config, config.model.optimizer,
+                                       config.model.learning_rate)()
   m = tf.keras.metrics
   if task == 'binary':
     loss = 'binary_crossentropy'

@@ -13,32 +13,25 @@ class names and `label_vocabulary`, so their exports answer with the
 configured class names; the custom model_fn gets the class index and adds the
 names itself; Keras models get the index shaped [batch, 1].
 
-Every kind exports the canned heads' signatures (`_export_outputs`): the
-custom model_fn builds them from its logits, Keras Estimators from the
-model's output (`_with_canned_exports`).
+Every kind exports the canned heads' signatures: the custom model_fn through
+`heads.estimator_spec` from its logits, Keras Estimators from the model's
+output (`_with_canned_exports`). Heads and optimizers have modules of their
+own (heads.py, optimizers.py) because users' model_fns call them too.
 """
 
 import logging
 
 import tensorflow as tf
 
+from estimators import heads
 from estimators import keras_models
+from estimators import optimizers
 from pipeline import modules
 from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
 
 CANNED = ('baseline', 'linear', 'dnn', 'wide_deep')
-
-_OPTIMIZERS = {
-    'adam': tf.keras.optimizers.legacy.Adam,
-    'adagrad': tf.keras.optimizers.legacy.Adagrad,
-    'ftrl': tf.keras.optimizers.legacy.Ftrl,
-    'sgd': tf.keras.optimizers.legacy.SGD,
-    'rmsprop': tf.keras.optimizers.legacy.RMSprop,
-}
-
-SERVING_KEY = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
 
 
 def label_format(config):
@@ -47,73 +40,6 @@ def label_format(config):
   if config.model.type == 'keras':
     return 'keras'
   return 'index'
-
-
-# --- optimizers and learning-rate schedules ---------------------------------
-
-def learning_rate(base, schedule):
-  """A float, or a Keras LearningRateSchedule over the optimizer's steps.
-
-  Exponential and cosine decay start from `base`; piecewise `values` are
-  factors of `base`, so one schedule fits the linear and the deep optimizer
-  of a wide & deep model.
-  """
-  if not schedule:
-    return base
-  schedules = tf.keras.optimizers.schedules
-  kind = schedule['type']
-  if kind == 'exponential':
-    return schedules.ExponentialDecay(
-        base, schedule['decay_steps'], schedule['decay_rate'],
-        staircase=bool(schedule.get('staircase', False)))
-  if kind == 'cosine':
-    return schedules.CosineDecay(base, schedule['decay_steps'],
-                                 alpha=float(schedule.get('alpha', 0.0)))
-  return schedules.PiecewiseConstantDecay(
-      [int(b) for b in schedule['boundaries']],
-      [float(v) * base for v in schedule['values']])
-
-
-def optimizer_fn(name, base_rate, schedule, dense_gradients=False):
-  """A callable that builds the optimizer inside the Estimator's graph.
-
-  Estimators need the legacy (OptimizerV2) Keras optimizers; building one per
-  graph keeps its variables in the graph that uses them. `dense_gradients`:
-  see _with_dense_gradients.
-  """
-  cls = _OPTIMIZERS[name]
-  if dense_gradients:
-    cls = _with_dense_gradients(cls)
-
-  def make():
-    return cls(learning_rate=learning_rate(base_rate, schedule))
-  return make
-
-
-def optimizer_for(config, name, base_rate):
-  """optimizer_fn with the config's schedule and distribution."""
-  return optimizer_fn(
-      name, base_rate, config.train.learning_rate_schedule,
-      dense_gradients=config.train.distribution == 'multi_worker_mirrored')
-
-
-def _with_dense_gradients(cls):
-  """`cls` whose gradients are dense tensors, never IndexedSlices.
-
-  Under MultiWorkerMirroredStrategy in graph mode the all-reduce of sparse
-  gradients (embeddings, linear weights of sparse columns) fails with a
-  collective shape mismatch: each worker's batch touches a different number
-  of rows. Dense gradients have the same shape everywhere.
-  """
-  class DenseGradients(cls):
-
-    def get_gradients(self, loss, params):
-      grads = super().get_gradients(loss, params)
-      return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices)
-              else g for g in grads]
-
-  DenseGradients.__name__ = f'DenseGradients{cls.__name__}'
-  return DenseGradients
 
 
 # --- building the Estimator ---------------------------------------------------
@@ -134,9 +60,10 @@ def build(config, columns, run_config):
 
 def _canned(config, columns, run_config):
   model, task = config.model, config.label.task
-  deep_opt = optimizer_for(config, model.optimizer, model.learning_rate)
-  linear_opt = optimizer_for(config, model.linear_optimizer,
-                             model.linear_learning_rate)
+  deep_opt = optimizers.optimizer_for(config, model.optimizer,
+                                      model.learning_rate)
+  linear_opt = optimizers.optimizer_for(config, model.linear_optimizer,
+                                        model.linear_learning_rate)
   common = {'config': run_config}
   if task == 'regression':
     common['label_dimension'] = 1
@@ -210,7 +137,7 @@ def _with_canned_exports(estimator, config):
   model_to_estimator exports one PredictOutput of the model's outputs as
   `serving_default`. In PREDICT mode this adds the canned predictions of the
   model's output (`_keras_predictions`) and exports them as the custom
-  model_fn does (`_export_outputs`): `serving_default`, `classification` /
+  model_fn does (`heads.export_outputs`): `serving_default`, `classification` /
   `regression` and `predict`. TRAIN and EVAL are left as they are, so the
   graph, the variable names and the checkpoints do not change; the Keras
   Estimator's warm start (the Keras model's initial weights) is kept.
@@ -227,8 +154,8 @@ def _with_canned_exports(estimator, config):
       return spec
     return spec._replace(
         predictions=predictions,
-        export_outputs=_export_outputs(pipeline_config.label.task,
-                                       predictions))
+        export_outputs=heads.export_outputs(pipeline_config.label.task,
+                                            predictions))
 
   return tf.estimator.Estimator(
       model_fn=model_fn, model_dir=estimator.model_dir,
@@ -263,7 +190,7 @@ def _keras_predictions(config, outputs):
                 output.shape, width, config.label.task)
     return None
   predictions = dict(outputs)
-  predictions.update(_output_predictions(config, output))
+  predictions.update(heads.output_predictions(config, output))
   return predictions
 
 
@@ -301,159 +228,9 @@ def custom_model_fn(features, labels, mode, config, columns):
   n_logits = 1 if config.label.task in ('binary', 'regression') else (
       config.label.n_classes)
   logits = tf.keras.layers.Dense(n_logits, name='logits')(net)
-  optimizer = optimizer_for(config, model.optimizer, model.learning_rate)
-  return estimator_spec(config, mode, logits, labels, optimizer)
-
-
-def estimator_spec(config, mode, logits, labels, make_optimizer):
-  """EstimatorSpec for `logits` of the configured task.
-
-  Usable from a user's model_fn too: it only needs the logits.
-  """
-  task = config.label.task
-  predictions = _predictions(config, logits)
-  if mode == tf.estimator.ModeKeys.PREDICT:
-    return tf.estimator.EstimatorSpec(
-        mode, predictions=predictions,
-        export_outputs=_export_outputs(task, predictions))
-  per_example = _per_example_loss(task, logits, labels)
-  loss = tf.reduce_mean(per_example)
-  if mode == tf.estimator.ModeKeys.EVAL:
-    return tf.estimator.EstimatorSpec(
-        mode, loss=loss, predictions=predictions,
-        eval_metric_ops=_metrics(task, labels, predictions, per_example))
-  train_op = _train_op(loss, make_optimizer)
-  _summaries(task, logits, predictions)
-  return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
-                                    predictions=predictions)
-
-
-def _predictions(config, logits):
-  """The canned predictions of `logits`, the logits included."""
-  task = config.label.task
-  if task == 'regression':
-    return {'predictions': logits}
-  squash = tf.sigmoid if task == 'binary' else tf.nn.softmax
-  predictions = _output_predictions(config, squash(logits))
-  predictions['logits'] = logits
-  return predictions
-
-
-def _output_predictions(config, output):
-  """The canned predictions (without logits) of a model's output.
-
-  `output`: the positive class probability [batch, 1] (binary), the class
-  probabilities [batch, n_classes] (multiclass), the value [batch, 1]
-  (regression).
-  """
-  task = config.label.task
-  if task == 'regression':
-    return {'predictions': output}
-  if task == 'binary':
-    logistic = output
-    probabilities = tf.concat([1.0 - logistic, logistic], axis=1)
-    predictions = {'logistic': logistic}
-  else:
-    probabilities = output
-    predictions = {}
-  class_ids = tf.argmax(probabilities, axis=1)
-  names = tf.constant(config.label.vocabulary)
-  batch = tf.shape(probabilities)[0]
-  predictions.update({
-      'probabilities': probabilities,
-      'class_ids': tf.expand_dims(class_ids, 1),
-      'classes': tf.expand_dims(tf.gather(names, class_ids), 1),
-      'all_class_ids': tf.tile(
-          tf.expand_dims(tf.range(config.label.n_classes), 0), [batch, 1]),
-      'all_classes': tf.tile(tf.expand_dims(names, 0), [batch, 1]),
-  })
-  return predictions
-
-
-def _export_outputs(task, predictions):
-  """Signatures as the canned heads write them: classify, regress, predict."""
-  export = tf.estimator.export
-  outputs = {'predict': export.PredictOutput(predictions)}
-  if task == 'regression':
-    outputs['regression'] = export.RegressionOutput(predictions['predictions'])
-    outputs[SERVING_KEY] = outputs['regression']
-    return outputs
-  outputs['classification'] = export.ClassificationOutput(
-      scores=predictions['probabilities'], classes=predictions['all_classes'])
-  outputs[SERVING_KEY] = outputs['classification']
-  if task == 'binary':
-    outputs['regression'] = export.RegressionOutput(predictions['logistic'])
-  return outputs
-
-
-def _per_example_loss(task, logits, labels):
-  if task == 'regression':
-    labels = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
-    return tf.math.squared_difference(logits, labels)
-  labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
-  if task == 'binary':
-    return tf.nn.sigmoid_cross_entropy_with_logits(
-        labels=tf.cast(tf.expand_dims(labels, 1), tf.float32), logits=logits)
-  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
-                                                        logits=logits)
-
-
-def _metrics(task, labels, predictions, per_example):
-  m = tf.compat.v1.metrics
-  metrics = {'average_loss': m.mean(per_example)}
-  if task == 'regression':
-    labels = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
-    values = predictions['predictions']
-    metrics.update({
-        'rmse': m.root_mean_squared_error(labels, values),
-        'mae': m.mean_absolute_error(labels, values),
-        'label/mean': m.mean(labels),
-        'prediction/mean': m.mean(values),
-    })
-    return metrics
-  labels = tf.reshape(tf.cast(labels, tf.int64), [-1, 1])
-  class_ids = predictions['class_ids']
-  metrics['accuracy'] = m.accuracy(labels, class_ids)
-  if task == 'binary':
-    positive = predictions['logistic']
-    metrics.update({
-        'auc': m.auc(labels, positive),
-        'auc_precision_recall': m.auc(labels, positive, curve='PR'),
-        'precision': m.precision(labels, class_ids),
-        'recall': m.recall(labels, class_ids),
-        'label/mean': m.mean(tf.cast(labels, tf.float32)),
-        'prediction/mean': m.mean(positive),
-    })
-  else:
-    # One-vs-rest over all (example, class) pairs: the micro-averaged AUC.
-    n_classes = predictions['probabilities'].shape[1]
-    one_hot = tf.one_hot(tf.reshape(labels, [-1]), n_classes)
-    metrics['auc'] = m.auc(one_hot, predictions['probabilities'])
-  return metrics
-
-
-def _train_op(loss, make_optimizer):
-  optimizer = make_optimizer()
-  # The optimizer's step counter is the global step, so hooks see progress
-  # and learning-rate schedules decay with it.
-  optimizer.iterations = tf.compat.v1.train.get_or_create_global_step()
-  # Each replica's gradients are summed across replicas: scale to the mean.
-  replicas = tf.distribute.get_strategy().num_replicas_in_sync
-  scaled = loss / replicas if replicas > 1 else loss
-  variables = tf.compat.v1.trainable_variables()
-  train_op = optimizer.get_updates(scaled, variables)[0]
-  update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
-  lr = optimizer._decayed_lr(tf.float32)  # pylint: disable=protected-access
-  tf.compat.v1.summary.scalar('learning_rate', lr)
-  return tf.group(train_op, *update_ops)
-
-
-def _summaries(task, logits, predictions):
-  tf.compat.v1.summary.histogram('logits', logits)
-  if task == 'binary':
-    tf.compat.v1.summary.scalar(
-        'fraction_predicted_positive',
-        tf.reduce_mean(tf.cast(predictions['class_ids'], tf.float32)))
+  optimizer = optimizers.optimizer_for(config, model.optimizer,
+                                       model.learning_rate)
+  return heads.estimator_spec(config, mode, logits, labels, optimizer)
 
 
 # --- user modules ----------------------------------------------------------------

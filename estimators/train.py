@@ -27,6 +27,7 @@ from estimators import runconfig
 from pipeline import fs
 from pipeline import rundir
 from pipeline import runrecord
+from pipeline import signatures
 from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
@@ -301,10 +302,10 @@ def _predicted(config, estimator, tft_output, checkpoint):
 def _prediction_values(config, batch):
   task = config.label.task
   if task == 'regression':
-    return np.reshape(batch['predictions'], [-1])
-  if 'probabilities' in batch:
-    return batch['probabilities']
-  positive = np.reshape(batch['logistic'], [-1, 1])
+    return np.reshape(batch[signatures.PREDICTIONS], [-1])
+  if signatures.PROBABILITIES in batch:
+    return batch[signatures.PROBABILITIES]
+  positive = np.reshape(batch[signatures.LOGISTIC], [-1, 1])
   return np.concatenate([1.0 - positive, positive], axis=1)
 
 

@@ -5,7 +5,8 @@ Serving watches: it serves the highest integer version and ignores other
 names. The tf.Transform graph is part of every export, so clients send raw
 features and can never feed a transform that differs from training.
 
-One SavedModel carries two signature families over the same graph:
+One SavedModel carries two signature families over the same graph (their
+keys and inputs: pipeline/signatures.py):
   - serialized tf.Example in (`serving_default`, `classification` or
     `regression`, `predict`), as canned Estimators export them, for
     `:classify`, `:regress` and tfx-bsl RunInference;
@@ -31,14 +32,10 @@ import tensorflow as tf
 from pipeline import fs
 from pipeline import rundir
 from pipeline import runrecord
+from pipeline import signatures
 
 log = logging.getLogger('estpipe')
 
-# The receiver tensor names canned Estimators use; the classify/regress
-# signatures rename the single string input to 'inputs' themselves.
-EXAMPLES_KEY = 'examples'
-RAW_RECEIVER = 'raw'
-RAW_SIGNATURE = 'raw:predict'
 # Per-version metadata, in the folder TF Serving reserves for extra files.
 METADATA_FILE = os.path.join('assets.extra', 'estpipe_export.json')
 EXPORTER_NAMES = ('latest', 'best', 'final')
@@ -122,22 +119,6 @@ def _sparsify(name, values, spec_dtype, missing_tokens):
   return tf.SparseTensor(indices, kept, tf.stack([batch, 1]))
 
 
-def predict_signature(names):
-  """The tf.Example predict signature among `names`.
-
-  Every model type exports `predict`; exports of Keras models made before
-  they got the canned signatures (and Keras models with several outputs,
-  see estimators.models) have only a predict-method `serving_default`.
-  """
-  return 'predict' if 'predict' in names else 'serving_default'
-
-
-def raw_signature(names):
-  """The raw-feature signature among `names` (see predict_signature)."""
-  return RAW_SIGNATURE if RAW_SIGNATURE in names else (
-      f'{RAW_RECEIVER}:serving_default')
-
-
 def _signature_safe(name):
   return re.sub(r'[^A-Za-z0-9_.]', '_', name)
 
@@ -187,9 +168,11 @@ def serving_input_receiver_fn(config):
     # and collect what loading it left behind while no op is being built.
     _LIVE_TRANSFORM[:] = [tft_output]
     gc.collect()
+    # The classify and regress signatures rename the one serialized input
+    # themselves (signatures.CLASSIFY_INPUTS).
     return tf.estimator.export.ServingInputReceiver(
-        features, {EXAMPLES_KEY: serialized},
-        receiver_tensors_alternatives={RAW_RECEIVER: raw_inputs})
+        features, {signatures.EXAMPLES_INPUT: serialized},
+        receiver_tensors_alternatives={signatures.RAW_RECEIVER: raw_inputs})
 
   return receiver_fn
 

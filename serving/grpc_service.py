@@ -20,8 +20,8 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.apis import regression_pb2
 
+from pipeline import signatures
 from serving import codec
-from serving import models as models_lib
 from serving.errors import ServingError, invalid
 from serving.status import fill_spec, metadata_response, status_response
 from serving.versions import model_configs
@@ -193,15 +193,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
       if spec.name != tasks[0].model_spec.name:
         raise invalid('All ModelSpecs in a MultiInferenceRequest must access '
                       'the same model name.')
-      key = spec.signature_name or models_lib.DEFAULT_SIGNATURE
+      key = spec.signature_name or signatures.DEFAULT_SIGNATURE
       if key in seen:
         raise invalid(f'Duplicate evaluation of signature: {key}')
       seen.add(key)
       signature = servable.signatures.get(key)
       if signature is None:
         raise invalid(f'Requested signature not found in model graph: {key}')
-      if task.method_name not in (models_lib.CLASSIFY_METHOD,
-                                   models_lib.REGRESS_METHOD):
+      if task.method_name not in (signatures.CLASSIFY_METHOD,
+                                   signatures.REGRESS_METHOD):
         raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                            'Unsupported signature method_name: '
                            f'{task.method_name}')
@@ -214,14 +214,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
       plan.append((task.method_name, signature))
     serialized = serialized_examples(request.input, servable.raw_features)
     calls = [(method, (self.core.classify_call if
-                       method == models_lib.CLASSIFY_METHOD else
+                       method == signatures.CLASSIFY_METHOD else
                        self.core.regress_call)(signature, serialized))
              for method, signature in plan]
     response = inference_pb2.MultiInferenceResponse()
     for method, call in calls:
       result = response.results.add()
       fill_spec(result.model_spec, servable, call.signature.key)
-      if method == models_lib.CLASSIFY_METHOD:
+      if method == signatures.CLASSIFY_METHOD:
         _fill_classifications(result.classification_result, call.run())
       else:
         _fill_regressions(result.regression_result, call.run())

@@ -14,15 +14,10 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
 
+from pipeline import signatures
 from serving import codec
 from serving import export
 from serving.errors import ServingError, from_tf_error, invalid
-
-SERVE_TAG = 'serve'
-DEFAULT_SIGNATURE = 'serving_default'
-PREDICT_METHOD = 'tensorflow/serving/predict'
-CLASSIFY_METHOD = 'tensorflow/serving/classify'
-REGRESS_METHOD = 'tensorflow/serving/regress'
 
 
 def is_complete_export(path):
@@ -127,7 +122,7 @@ class ServableVersion:
     # {raw feature: kind} for building tf.Examples; None: not an estpipe
     # export (or an older one), so Examples are typed from the values alone.
     self.raw_features = _raw_feature_kinds(path)
-    self._loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+    self._loaded = tf.saved_model.load(path, tags=[signatures.SERVE_TAG])
     self.signatures = {}
     for key, function in self._loaded.signatures.items():
       signature_def = self.meta_graph.signature_def[key]
@@ -138,7 +133,7 @@ class ServableVersion:
     return self.meta_graph.signature_def
 
   def signature(self, key):
-    key = key or DEFAULT_SIGNATURE
+    key = key or signatures.DEFAULT_SIGNATURE
     signature = self.signatures.get(key)
     if signature is None:
       # TF Serving's wording and code (FAILED_PRECONDITION, HTTP 400).
@@ -172,6 +167,7 @@ def _read_meta_graph(path):
     with open(os.path.join(path, 'saved_model.pbtxt')) as f:
       text_format.Parse(f.read(), saved_model)
   for meta_graph in saved_model.meta_graphs:
-    if SERVE_TAG in meta_graph.meta_info_def.tags:
+    if signatures.SERVE_TAG in meta_graph.meta_info_def.tags:
       return meta_graph
-  raise ValueError(f'{path} has no MetaGraph tagged {SERVE_TAG!r}')
+  raise ValueError(
+      f'{path} has no MetaGraph tagged {signatures.SERVE_TAG!r}')

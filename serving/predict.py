@@ -28,6 +28,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import errors
 from pipeline import fs
+from pipeline import signatures
 from preprocessing import beam_pipeline
 from preprocessing import rows as rows_lib
 from serving import raw_examples
@@ -46,15 +47,14 @@ def predict_signature(export_path):
   fixed before the job runs.
   """
   from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-import-not-at-top
-  from serving import export  # pylint: disable=g-import-not-at-top
   saved_model = loader_impl.parse_saved_model(export_path)
-  signatures = saved_model.meta_graphs[0].signature_def
-  signature = export.predict_signature(signatures)
-  if (signature not in signatures or signatures[signature].method_name !=
-      'tensorflow/serving/predict'):
+  defs = saved_model.meta_graphs[0].signature_def
+  signature = signatures.predict_signature(defs)
+  if (signature not in defs or
+      defs[signature].method_name != signatures.PREDICT_METHOD):
     raise ValueError(f'{export_path} has no tf.Example predict signature')
   widths = {}
-  for name, info in sorted(signatures[signature].outputs.items()):
+  for name, info in sorted(defs[signature].outputs.items()):
     dims = [d.size for d in info.tensor_shape.dim[1:]]
     width = 1
     for d in dims:

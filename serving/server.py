@@ -28,7 +28,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from serving import models as models_lib
+from pipeline import signatures
 from serving.batching import Batcher, BatchingOptions
 from serving.codec import check_input_names, check_shape, dtype_name
 from serving.errors import invalid
@@ -205,16 +205,17 @@ class ModelServer:
   def classify_call(self, signature, serialized):
     """The validated Call of `classify`."""
     inputs = self._example_inputs(signature, serialized,
-                                  models_lib.CLASSIFY_METHOD, 'classification')
+                                  signatures.CLASSIFY_METHOD, 'classification')
     count = len(serialized)
 
     def finish(outputs):
-      classes = outputs.get('classes')
-      scores = outputs.get('scores')
+      classes = outputs.get(signatures.CLASSIFY_OUTPUT_CLASSES)
+      scores = outputs.get(signatures.CLASSIFY_OUTPUT_SCORES)
       if classes is None and scores is None:
         raise invalid('Expected classification signature outputs to contain '
                       'classes or scores')
-      for key, value in (('classes', classes), ('scores', scores)):
+      for key, value in ((signatures.CLASSIFY_OUTPUT_CLASSES, classes),
+                         (signatures.CLASSIFY_OUTPUT_SCORES, scores)):
         if value is not None and (value.ndim != 2 or value.shape[0] != count):
           raise invalid(f'Expected {key} output of shape [{count}, k], got '
                         f'{list(value.shape)}')
@@ -229,11 +230,11 @@ class ModelServer:
   def regress_call(self, signature, serialized):
     """The validated Call of `regress`."""
     inputs = self._example_inputs(signature, serialized,
-                                  models_lib.REGRESS_METHOD, 'regression')
+                                  signatures.REGRESS_METHOD, 'regression')
     count = len(serialized)
 
     def finish(outputs):
-      values = outputs.get('outputs')
+      values = outputs.get(signatures.REGRESS_OUTPUTS)
       if values is None:
         raise invalid('Expected regression signature to have an "outputs" '
                       'output')

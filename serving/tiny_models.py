@@ -10,6 +10,8 @@ Training takes a few seconds on a CPU.
 
 import os
 
+from pipeline import signatures
+
 VOCAB = ('a', 'b', 'c', 'd')
 KINDS = ('classifier', 'regressor')
 
@@ -50,7 +52,8 @@ def train_and_export(kind, work_dir):
     # Feeding the parsed features directly gives one tensor per feature.
     return tf.estimator.export.ServingInputReceiver(
         receiver.features, receiver.receiver_tensors,
-        receiver_tensors_alternatives={'raw': dict(receiver.features)})
+        receiver_tensors_alternatives={
+            signatures.RAW_RECEIVER: dict(receiver.features)})
 
   exported = estimator.export_saved_model(os.path.join(work_dir, 'export'),
                                           receiver_fn)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from pipeline import fs
 from pipeline import rundir
+from pipeline import signatures
 from preprocessing import rows as rows_lib
 from serving import export
 from serving import raw_examples
@@ -25,11 +26,9 @@ log = logging.getLogger('estpipe')
 RTOL = 1e-5
 ATOL = 1e-5
 # Outputs of the classify / regress signatures and the prediction keys they
-# equal in a canned Estimator's predictions (a binary classifier's regress
-# output is the positive class probability).
-_CLASSIFY_ALIASES = {'scores': ('probabilities',),
-                     'classes': ('all_classes',)}
-_REGRESS_ALIASES = {'outputs': ('predictions', 'logistic')}
+# equal in a canned Estimator's predictions.
+_CLASSIFY_ALIASES = signatures.output_aliases(signatures.CLASSIFY_METHOD)
+_REGRESS_ALIASES = signatures.output_aliases(signatures.REGRESS_METHOD)
 
 
 class SkewError(Exception):
@@ -92,10 +91,11 @@ def transformed_features(config, parser, rows, batch_size):
 # --- the serving side ---------------------------------------------------------
 
 def _signature_inputs(fn, name, parser, rows):
-  if name.startswith(export.RAW_RECEIVER + ':'):
+  if signatures.is_raw(name):
     return raw_examples.raw_tensors(
         parser, [raw_examples.to_raw_instance(parser, r.values) for r in rows])
-  # The one serialized tf.Example input: 'examples' or 'inputs'.
+  # The one serialized tf.Example input: signatures.EXAMPLES_INPUT or
+  # CLASSIFY_INPUTS / REGRESS_INPUTS.
   (key,) = fn.structured_input_signature[1]
   return {key: tf.constant([raw_examples.to_example(parser, r.values)
                             for r in rows])}
@@ -104,12 +104,14 @@ def _signature_inputs(fn, name, parser, rows):
 def signatures_to_check(loaded):
   """The serving signatures of an export that take raw data."""
   names = set(loaded.signatures)
-  wanted = {export.predict_signature(names), export.raw_signature(names)}
+  wanted = {signatures.predict_signature(names),
+            signatures.raw_signature(names)}
   if not wanted <= names:
     raise SkewError(f'export lacks the {" or ".join(sorted(wanted - names))} '
                     f'signature (has: {", ".join(sorted(names))})')
-  return sorted(names & (wanted | {'serving_default', 'classification',
-                                   'regression'}))
+  return sorted(names & (wanted | {signatures.DEFAULT_SIGNATURE,
+                                   signatures.CLASSIFY_SIGNATURE,
+                                   signatures.REGRESS_SIGNATURE}))
 
 
 def signature_outputs(loaded, name, parser, rows, batch_size):
@@ -173,9 +175,9 @@ def compare(name, got, expected, rows):
 def _aliases(outputs):
   """Which prediction keys a signature's outputs stand for."""
   keys = set(outputs)
-  if keys and keys <= {'classes', 'scores'}:
+  if keys and keys <= set(_CLASSIFY_ALIASES):
     return _CLASSIFY_ALIASES
-  if keys == {'outputs'}:
+  if keys == set(_REGRESS_ALIASES):
     return _REGRESS_ALIASES
   return {}
 

@@ -21,6 +21,7 @@ tf = pytest.importorskip('tensorflow')
 # pylint: disable=g-import-not-at-top,redefined-outer-name
 from pipeline import cli
 from pipeline import rundir
+from pipeline import signatures
 from estimators import train
 from serving import export
 from serving import raw_examples
@@ -98,8 +99,8 @@ def test_export_is_an_integer_version_with_metadata(census_export):
 def test_classifier_signatures(census_loaded):
   names = set(census_loaded.signatures)
   assert {'serving_default', 'classification', 'predict',
-          export.RAW_SIGNATURE} <= names
-  raw = census_loaded.signatures[export.RAW_SIGNATURE]
+          signatures.RAW_SIGNATURE} <= names
+  raw = census_loaded.signatures[signatures.RAW_SIGNATURE]
   inputs = raw.structured_input_signature[1]
   assert inputs['age'].dtype == tf.float64
   assert inputs['workclass'].dtype == tf.string
@@ -110,7 +111,7 @@ def test_regressor_signatures_and_skew_check(regression_export):
   config, path = regression_export
   names = _signature_names(path)
   assert {'serving_default', 'regression', 'predict',
-          export.RAW_SIGNATURE} <= names
+          signatures.RAW_SIGNATURE} <= names
   assert 'classification' not in names
   summary = verify.verify_export(config, train.predict_transformed, path,
                                  max_rows=300)
@@ -129,8 +130,9 @@ def test_raw_and_example_signatures_agree(census_export, census_loaded):
   loaded = census_loaded
   by_example = loaded.signatures['predict'](examples=tf.constant(
       [raw_examples.to_example(parser, v) for v in values]))
-  by_raw = loaded.signatures[export.RAW_SIGNATURE](**raw_examples.raw_tensors(
-      parser, [raw_examples.to_raw_instance(parser, v) for v in values]))
+  by_raw = loaded.signatures[signatures.RAW_SIGNATURE](
+      **raw_examples.raw_tensors(
+          parser, [raw_examples.to_raw_instance(parser, v) for v in values]))
   classify = loaded.signatures['classification'](inputs=tf.constant(
       [raw_examples.to_example(parser, v) for v in values]))
   np.testing.assert_allclose(by_raw['probabilities'].numpy(),
@@ -143,8 +145,9 @@ def test_raw_and_example_signatures_agree(census_export, census_loaded):
   one = raw_examples.to_raw_instance(parser, values[0])
   question = dict(one, workclass='?')
   empty = dict(one, workclass='')
-  out = loaded.signatures[export.RAW_SIGNATURE](**raw_examples.raw_tensors(
-      parser, [question, empty]))['probabilities'].numpy()
+  out = loaded.signatures[signatures.RAW_SIGNATURE](
+      **raw_examples.raw_tensors(parser, [question, empty]))[
+          'probabilities'].numpy()
   np.testing.assert_allclose(out[0], out[1], atol=1e-7)
 
 
@@ -161,7 +164,7 @@ def test_keras_classifier_has_the_canned_signatures(keras_classifier_export):
   config, path = keras_classifier_export
   loaded = tf.saved_model.load(path)
   assert {'serving_default', 'classification', 'regression', 'predict',
-          export.RAW_SIGNATURE} <= set(loaded.signatures)
+          signatures.RAW_SIGNATURE} <= set(loaded.signatures)
   examples = _synthetic_examples(config)
   predicted = loaded.signatures['predict'](examples=examples)
   classified = loaded.signatures['classification'](inputs=examples)
@@ -191,7 +194,7 @@ def test_keras_regressor_has_the_canned_signatures(keras_regressor_export):
   loaded = tf.saved_model.load(path)
   names = set(loaded.signatures)
   assert {'serving_default', 'regression', 'predict',
-          export.RAW_SIGNATURE} <= names
+          signatures.RAW_SIGNATURE} <= names
   assert 'classification' not in names
   examples = _synthetic_examples(config)
   predicted = loaded.signatures['predict'](examples=examples)
@@ -207,6 +210,7 @@ def test_keras_regressor_has_the_canned_signatures(keras_regressor_export):
 
 def test_keras_output_as_canned_predictions():
   """Multiclass, a Keras output name kept, and the predict-only fallback."""
+  from estimators import heads
   from estimators import models
   from pipeline.config import LabelConfig
 
@@ -217,7 +221,7 @@ def test_keras_output_as_canned_predictions():
   probabilities = tf.constant([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
   predictions = models._keras_predictions(  # pylint: disable=protected-access
       multiclass, {'probabilities': probabilities})
-  outputs = models._export_outputs('multiclass', predictions)  # pylint: disable=protected-access
+  outputs = heads.export_outputs('multiclass', predictions)
   assert set(outputs) == {'serving_default', 'classification', 'predict'}
   assert list(predictions['classes'].numpy().astype(str).ravel()) == [
       'b', 'a']
@@ -280,7 +284,7 @@ def test_saved_model_cli_show_and_run(census_export):
   instance = raw_examples.to_raw_instance(parser, rows[0][1])
   exprs = ';'.join(f'{k}=[{json.dumps(v)}]' for k, v in instance.items())
   ran = _saved_model_cli('run', '--dir', path, '--tag_set', 'serve',
-                         '--signature_def', export.RAW_SIGNATURE,
+                         '--signature_def', signatures.RAW_SIGNATURE,
                          '--input_exprs', exprs)
   assert 'probabilities' in ran
 
@@ -350,7 +354,7 @@ def test_verify_export_names_first_row_of_a_wrong_transform(
   """An export built with a stale vocabulary fails at the first row using it."""
   config, good_path = census_export
   tampered = serving_helpers.copy_preprocessed(config, tmp_path / 'tampered')
-  vocab = os.path.join(tampered.transform_dir, 'transform_fn', 'assets',
+  vocab = os.path.join(tampered.rundir.transform, 'transform_fn', 'assets',
                        'workclass')
   with open(vocab) as f:
     words = f.read().splitlines()
@@ -405,4 +409,4 @@ def test_exporters_in_train_and_evaluate(census_run, tmp_path):
   assert 1 <= len(by_exporter['best']) and 'loss' in by_exporter['best'][
       -1]['metrics']
   newest = rundir.version_dir(config.rundir.export)
-  assert export.RAW_SIGNATURE in _signature_names(newest)
+  assert signatures.RAW_SIGNATURE in _signature_names(newest)

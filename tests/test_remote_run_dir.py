@@ -22,6 +22,7 @@ from apache_beam.io.filesystem import (BeamIOError, CompressedFile,
 from pipeline import fs
 from pipeline import rundir
 from pipeline import runrecord
+from pipeline import signatures
 from tests.conftest import example_config
 
 gfile = tf.io.gfile
@@ -214,7 +215,7 @@ def test_preprocess_train_export_with_a_remote_run_dir(synthetic_csv,
   # Nothing staged is left (ram:// may keep an empty folder entry).
   assert _tree(config.rundir.path('.staging')) == []
   loaded = tf.saved_model.load(path)
-  assert export.RAW_SIGNATURE in loaded.signatures
+  assert signatures.RAW_SIGNATURE in loaded.signatures
   with fs.open_file(config.rundir.history) as f:
     stages = [json.loads(line)['stage'] for line in f]
   assert stages == ['preprocess', 'preprocess']  # started, succeeded

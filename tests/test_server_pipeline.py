@@ -22,6 +22,7 @@ tf = pytest.importorskip('tensorflow')
 export_lib = pytest.importorskip('serving.export')
 
 # pylint: disable=g-import-not-at-top,redefined-outer-name
+from pipeline import signatures
 from serving import grpc_service, rest
 from serving.server import ModelServer, ServerOptions
 from serving.versions import ModelConfig
@@ -101,13 +102,13 @@ def test_pipeline_export_answers_like_in_process(exported_run, loaded,
   config, _, rows = exported_run
   typed = [_typed(config, row) for row in rows]
   base = f'http://127.0.0.1:{server.rest_port}/v1/models/census'
-  raw = loaded.signatures[export_lib.RAW_SIGNATURE]
+  raw = loaded.signatures[signatures.RAW_SIGNATURE]
   specs = raw.structured_input_signature[1]
   expected = raw(**{name: tf.constant([row[name] for row in typed],
                                       dtype=spec.dtype)
                     for name, spec in specs.items()})
   response = requests.post(f'{base}:predict', timeout=60, data=json.dumps({
-      'signature_name': export_lib.RAW_SIGNATURE, 'instances': typed}))
+      'signature_name': signatures.RAW_SIGNATURE, 'instances': typed}))
   assert response.status_code == 200, response.text
   predictions = response.json()['predictions']
   key = 'probabilities'

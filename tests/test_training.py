@@ -351,15 +351,16 @@ def test_evaluate_a_given_checkpoint_and_bad_inputs(wide_deep_run):
 
 USER_MODULE = '''
 import tensorflow as tf
-from estimators import models
+from estimators import heads
+from estimators import optimizers
 
 def model_fn(features, labels, mode, params, config):
   cfg = params['pipeline_config']
   net = tf.keras.layers.DenseFeatures(params['deep_columns'])(features)
   net = tf.keras.layers.Dense(16, activation='relu')(net)
   logits = tf.keras.layers.Dense(1)(net)
-  make_optimizer = models.optimizer_fn('adam', 0.01, None)
-  return models.estimator_spec(cfg, mode, logits, labels, make_optimizer)
+  make_optimizer = optimizers.optimizer_fn('adam', 0.01, None)
+  return heads.estimator_spec(cfg, mode, logits, labels, make_optimizer)
 
 class Doubler(tf.keras.layers.Layer):
   def call(self, x):
