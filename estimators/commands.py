@@ -78,20 +78,20 @@ def register(subparsers):
 def _register_stages():
   """The runners `estpipe run` chains, with what lets it skip them."""
   register_stage('train', run_train, sections=TRAIN_SECTIONS,
-                 inputs=_stage_check('model_inputs'),
-                 complete=_stage_check('trained'),
-                 reset=_stage_check('start_afresh'))
-  register_stage('evaluate', run_evaluate, complete=_stage_check('evaluated'))
+                 inputs=_from_stages('model_inputs'),
+                 complete=_from_stages('trained'),
+                 reset=_from_stages('start_afresh'))
+  register_stage('evaluate', run_evaluate, complete=_from_stages('evaluated'))
   # An export of the latest checkpoint is current whatever else changed:
   # the training exporters usually wrote it already.
   register_stage('export', run_export, sections=('export',),
-                 complete=_stage_check('exported'),
-                 current=_stage_check('export_is_current'))
+                 complete=_from_stages('exported'),
+                 current=_from_stages('export_is_current'))
   register_stage('verify-export', run_verify,
-                 complete=_stage_check('verified'))
+                 complete=_from_stages('verified'))
 
 
-def _stage_check(name):
+def _from_stages(name):
   """estimators/stages.py's `name`, imported when called (it loads TF)."""
   def check(arg):
     from estimators import stages  # pylint: disable=g-import-not-at-top
