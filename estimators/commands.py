@@ -18,6 +18,10 @@ from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
 
+# What the model depends on besides preprocessing's outputs (features and
+# label reach training through them) and the user's model module.
+TRAIN_SECTIONS = ('model', 'train')
+
 
 def register(subparsers):
   parser = subparsers.add_parser(
@@ -68,8 +72,31 @@ def register(subparsers):
                       help='check only the first N eval rows')
   parser.set_defaults(func=_verify)
 
-  register_stage('train', run_train)
-  register_stage('export', run_export)
+  _register_stages()
+
+
+def _register_stages():
+  """The runners `estpipe run` chains, with what lets it skip them."""
+  register_stage('train', run_train, sections=TRAIN_SECTIONS,
+                 inputs=_from_stages('model_inputs'),
+                 complete=_from_stages('trained'),
+                 reset=_from_stages('start_afresh'))
+  register_stage('evaluate', run_evaluate, complete=_from_stages('evaluated'))
+  # An export of the latest checkpoint is current whatever else changed:
+  # the training exporters usually wrote it already.
+  register_stage('export', run_export, sections=('export',),
+                 complete=_from_stages('exported'),
+                 current=_from_stages('export_is_current'))
+  register_stage('verify-export', run_verify,
+                 complete=_from_stages('verified'))
+
+
+def _from_stages(name):
+  """estimators/stages.py's `name`, imported when called (it loads TF)."""
+  def check(arg):
+    from estimators import stages  # pylint: disable=g-import-not-at-top
+    return getattr(stages, name)(arg)
+  return check
 
 
 def _quiet_deprecations(verbose):
@@ -113,11 +140,18 @@ def run_train(config, beam_args=(), verbose=False):
 
 
 def _evaluate(args):
+  run_evaluate(config_from_args(args), args.extra, args.verbose,
+               args.checkpoint, args.slices, args.output)
+
+
+def run_evaluate(config, beam_args=(), verbose=False, checkpoint=None,
+                 slices=(), output=None):
+  """The evaluate stage: metrics of a checkpoint (default: the latest)."""
+  del beam_args  # evaluation runs no Beam job
   from estimators import train  # pylint: disable=g-import-not-at-top
-  _quiet_deprecations(args.verbose)
-  config = config_from_args(args)
-  result = train.evaluate(config, args.checkpoint, args.slices)
-  output = args.output or config.rundir.evaluation
+  _quiet_deprecations(verbose)
+  result = train.evaluate(config, checkpoint, slices)
+  output = output or config.rundir.evaluation
   runrecord.write_json(fs.abspath(output), result)
   runrecord.append_history(config.run_dir, 'evaluate', 'succeeded', {
       'global_step': result['global_step'], 'output': output,
@@ -128,17 +162,18 @@ def _evaluate(args):
     for value, metrics in values.items():
       log.info('  %s=%s: %s', name, value, _format(metrics))
   log.info('wrote %s', output)
-  return 0
+  return result
 
 
 def _export(args):
-  _quiet_deprecations(args.verbose)
-  print(run_export(config_from_args(args), checkpoint=args.checkpoint))
+  print(run_export(config_from_args(args), verbose=args.verbose,
+                   checkpoint=args.checkpoint))
 
 
 def run_export(config, beam_args=(), verbose=False, checkpoint=None):
   """The export stage: one checkpoint (default: the latest) -> a version."""
-  del beam_args, verbose
+  del beam_args  # exporting runs no Beam job
+  _quiet_deprecations(verbose)
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import export  # pylint: disable=g-import-not-at-top
   try:
@@ -155,21 +190,30 @@ def run_export(config, beam_args=(), verbose=False, checkpoint=None):
 
 
 def _verify(args):
+  config = config_from_args(args)
+  summary = run_verify(config, args.extra, args.verbose,
+                       chosen_export(config, args), args.max_rows)
+  print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def run_verify(config, beam_args=(), verbose=False, path=None, max_rows=None):
+  """The verify-export stage: the skew check of one export (default: newest)."""
+  del beam_args  # the check runs in process
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import verify  # pylint: disable=g-import-not-at-top
-  _quiet_deprecations(args.verbose)
-  config = config_from_args(args)
-  path = chosen_export(config, args)
+  _quiet_deprecations(verbose)
   try:
     summary = verify.verify_export(config, train.predict_transformed, path,
-                                   max_rows=args.max_rows)
+                                   max_rows=max_rows)
   except (verify.SkewError, ValueError, FileNotFoundError) as e:
     runrecord.append_history(config.run_dir, 'verify-export', 'failed',
                              {'export': path, 'error': str(e)})
     raise UserError(str(e))
   runrecord.append_history(config.run_dir, 'verify-export', 'succeeded',
                            summary)
-  print(json.dumps(summary, indent=2, sort_keys=True))
+  log.info('export %s verified on %d rows', summary['export'],
+           summary['rows'])
+  return summary
 
 
 _HEADLINE = ('accuracy', 'auc', 'precision', 'recall', 'rmse', 'mae',

@@ -22,6 +22,7 @@ import tensorflow_transform as tft
 from estimators import features as features_lib
 from estimators import hooks
 from estimators import inputs
+from estimators import model_record
 from estimators import models
 from estimators import runconfig
 from pipeline import fs
@@ -127,6 +128,9 @@ def train(config, exporters=()):
   run_config = runconfig.make_run_config(config)
   task = runconfig.task_type()
   tft_output = load_tft_output(config)
+  resuming = tf.train.latest_checkpoint(config.rundir.model) is not None
+  if task in (None, 'chief'):
+    model_record.check_or_record(config, resuming)
   max_steps = train_steps(config)
   estimator = build_estimator(config, run_config, tft_output)
   fmt = models.label_format(config)
@@ -143,7 +147,8 @@ def train(config, exporters=()):
       start_delay_secs=config.train.eval_start_delay_secs,
       throttle_secs=config.train.eval_throttle_secs)
   _log_role(config, task, max_steps)
-  result = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+  result = _train_and_evaluate(config, estimator, train_spec, eval_spec,
+                               resuming)
   if task not in (None, 'chief'):
     return None
   metrics = result[0] if result and result[0] else None
@@ -153,6 +158,17 @@ def train(config, exporters=()):
     metrics = estimator.evaluate(eval_input, steps=config.train.eval_steps,
                                  name='final')
   return write_metrics(config, metrics, estimator.latest_checkpoint())
+
+
+def _train_and_evaluate(config, estimator, train_spec, eval_spec, resuming):
+  """train_and_evaluate; checkpoints that do not fit fail as a UserError."""
+  try:
+    return tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+  except tf.errors.OpError as e:
+    incompatible = resuming and model_record.restore_error(config, e)
+    if incompatible:
+      raise incompatible from e
+    raise
 
 
 def _log_role(config, task, max_steps):

@@ -3,17 +3,19 @@
 The command line (`pipeline/cli.py`) loads each stage package's
 `commands.py`; those import this module, never the command line itself, so
 the stages stay below it. Each stage command module also registers the
-function that runs its stage, which `estpipe run` chains in order.
+function that runs its stage, with what `estpipe run` needs to know to skip
+it (pipeline/runs.py), and `estpipe run` chains them in order.
 """
 
 import os
 
 from pipeline import fs
 from pipeline import rundir
+from pipeline import runs
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
-# name -> function(config, beam_args) -> summary, in registration order.
+# name -> runs.Stage, in registration order.
 _STAGES = {}
 
 
@@ -30,13 +32,23 @@ def config_from_args(args):
   return load_config(args.config, args.overrides)
 
 
-def register_stage(name, fn):
-  """Makes `fn(config, beam_args)` the runner of stage `name`."""
-  _STAGES[name] = fn
+def register_stage(name, fn, **declaration):
+  """Makes `fn(config, beam_args, verbose)` the runner of stage `name`.
+
+  `declaration`: the config sections, inputs and completeness check that
+  let `estpipe run` skip the stage (see runs.Stage).
+  """
+  _STAGES[name] = runs.Stage(name, fn, **declaration)
 
 
 def stage(name):
   """The runner of stage `name`, or None when its package is not installed."""
+  declared = _STAGES.get(name)
+  return declared.run if declared else None
+
+
+def declared_stage(name):
+  """Stage `name` as declared (runs.Stage), or None when not installed."""
   return _STAGES.get(name)
 
 

@@ -3,14 +3,14 @@
 import logging
 
 from pipeline import args as args_lib
-from pipeline import rundir
+from pipeline import runs
 from pipeline.errors import UserError
 
 _log = logging.getLogger('estpipe')
 
 # The stages `estpipe run` chains, in order; each is also its own command,
 # whose package registers its runner (pipeline/args.py).
-RUN_STAGES = ('preprocess', 'train', 'export')
+RUN_STAGES = ('preprocess', 'train', 'evaluate', 'export', 'verify-export')
 
 
 def register(subparsers):
@@ -27,9 +27,15 @@ def register(subparsers):
 
   run = subparsers.add_parser(
       'run', help='run every stage: ' + ' -> '.join(RUN_STAGES),
-      description='Run the whole pipeline for a config. Unknown flags are '
-      'Beam pipeline options for the preprocessing job.')
+      description='Run the whole pipeline for a config, recording it in '
+      'RUN_DIR/run.json and each stage\'s log in RUN_DIR/logs/. A re-run '
+      'skips every stage whose inputs, config and upstream outputs are '
+      'unchanged and whose outputs are complete. Unknown flags are Beam '
+      'pipeline options for the Beam stages.')
   args_lib.add_config_args(run)
+  run.add_argument('--force', choices=RUN_STAGES, metavar='STAGE',
+                   help='redo this stage and every one after it (train: '
+                   'start the model afresh); one of ' + ', '.join(RUN_STAGES))
   run.set_defaults(func=_run, accepts_extra=True)
 
 
@@ -44,22 +50,26 @@ def _generate(args):
 
 def _run(args):
   config = args_lib.config_from_args(args)
-  before = _versions(config)
-  for stage in RUN_STAGES:
-    if stage == 'export' and _versions(config) - before:
-      # The EvalSpec's exporters already wrote this training's model.
-      _log.info('=== export: done by the training exporters (%s)',
-                ', '.join(config.export.exporters))
-      continue
-    runner = args_lib.stage(stage)
-    if runner is None:
+  stages = []
+  for name in RUN_STAGES:
+    declared = args_lib.declared_stage(name)
+    if declared is None:
       _log.warning('stage %s is not installed; stopping after the stages '
-                   'before it', stage)
+                   'before it', name)
       break
-    _log.info('=== %s', stage)
-    runner(config, args.extra if stage == 'preprocess' else (), args.verbose)
+    stages.append(declared)
+  command = {'config_file': config.source, 'overrides': args.overrides,
+             'force': args.force}
+  record = runs.Run(config, stages, args.extra, args.verbose, args.force,
+                    command).run()
+  _log.info('run complete: %s (%s)', _summary(record),
+            config.rundir.run_record)
   return 0
 
 
-def _versions(config):
-  return set(rundir.list_versions(config.rundir.export))
+def _summary(record):
+  done = [s['name'] for s in record['stages'] if s['status'] == runs.SUCCEEDED]
+  parts = [f'ran {", ".join(done)}' if done else 'every stage skipped']
+  if record.get('export_version') is not None:
+    parts.append(f'export version {record["export_version"]}')
+  return '; '.join(parts)

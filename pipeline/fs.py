@@ -8,6 +8,7 @@ the completeness markers every stage writes last (`preprocess.json`, an
 export's metadata), never the mere presence of a folder.
 """
 
+import hashlib
 import os
 import shutil
 
@@ -38,6 +39,24 @@ def makedirs(path):
     _gfile().makedirs(path)
   else:
     os.makedirs(path, exist_ok=True)
+
+
+def stat(path):
+  """(size in bytes, modification time in seconds since the epoch)."""
+  if is_remote(path):
+    info = _gfile().stat(path)
+    return info.length, info.mtime_nsec / 1e9
+  info = os.stat(path)
+  return info.st_size, info.st_mtime
+
+
+def sha256(path, chunk=1 << 20):
+  """The hex SHA-256 of a file's bytes, read in chunks (files may be large)."""
+  digest = hashlib.sha256()
+  with open_file(path, 'rb') as f:
+    for block in iter(lambda: f.read(chunk), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def listdir(path):

@@ -9,10 +9,13 @@ another machine or under another runner:
   data/SPLIT-*.tfrecord.gz  transformed tf.Examples
   rejects/rejects-*.jsonl   rejected raw rows with reasons
   model/                    the Estimator's model_dir
+  model/estpipe_model.json  what shaped the model (config it was started with)
   metrics.json              final evaluation metrics
   evaluation.json           `estpipe evaluate`'s metrics
   export/<version>/         SavedModels in TensorFlow Serving's layout
   history.jsonl             one line per stage start, success or failure
+  run.json                  `estpipe run`'s record: config, inputs, stages
+  logs/STAGE.log            each stage's log under `estpipe run`
   .staging/                 work in progress, never read by another stage
 """
 
@@ -59,6 +62,10 @@ class RunDir:
     return self.path('model')
 
   @property
+  def model_record(self):
+    return self.path('model', 'estpipe_model.json')
+
+  @property
   def metrics(self):
     return self.path('metrics.json')
 
@@ -76,6 +83,13 @@ class RunDir:
   @property
   def history(self):
     return self.path('history.jsonl')
+
+  @property
+  def run_record(self):
+    return self.path('run.json')
+
+  def stage_log(self, stage):
+    return self.path('logs', f'{stage}.log')
 
   @property
   def staging(self):

@@ -84,3 +84,21 @@ def append_history(run_dir, stage, status, summary=None):
     line['summary'] = summary
   with fs.open_file(RunDir(run_dir).history, 'a') as f:
     f.write(json.dumps(line, sort_keys=True, default=str) + '\n')
+
+
+def read_history(run_dir):
+  """The lines of RUN_DIR/history.jsonl, oldest first ([] when none).
+
+  A line cut short by a killed process is left out.
+  """
+  path = RunDir(run_dir).history
+  if not fs.exists(path):
+    return []
+  lines = []
+  with fs.open_file(path) as f:
+    for line in f:
+      try:
+        lines.append(json.loads(line))
+      except ValueError:
+        continue
+  return lines

@@ -3,7 +3,12 @@
 import json
 
 from pipeline import args as args_lib
+from pipeline import fs
+from pipeline import runrecord
 from pipeline.errors import UserError
+
+# What preprocessing's outputs depend on besides its input files.
+SECTIONS = ('data', 'features', 'label', 'preprocessing')
 
 
 def register(subparsers):
@@ -14,7 +19,8 @@ def register(subparsers):
       'pipeline options (--runner, --direct_num_workers, ...).')
   args_lib.add_config_args(parser)
   parser.set_defaults(func=_preprocess, accepts_extra=True)
-  args_lib.register_stage('preprocess', run_stage)
+  args_lib.register_stage('preprocess', run_stage, sections=SECTIONS,
+                          inputs=input_files, complete=outputs, beam=True)
 
 
 def run_stage(config, beam_args=(), verbose=False):
@@ -26,6 +32,26 @@ def run_stage(config, beam_args=(), verbose=False):
     raise UserError(str(e))
   print(json.dumps(summary['splits'], sort_keys=True))
   return summary
+
+
+def input_files(config):
+  """The raw data files and the user module that preprocessing reads."""
+  files = fs.expand_patterns(config.data.train_patterns, 'data.train')
+  if config.data.eval_patterns:
+    files += fs.expand_patterns(config.data.eval_patterns, 'data.eval')
+  if config.preprocessing.module:
+    files.append(config.preprocessing.module)
+  return files
+
+
+def outputs(config):
+  """The published summary and row counts; None until preprocess.json is."""
+  layout = config.rundir
+  if not layout.is_preprocessed():
+    return None
+  summary = runrecord.read_json(layout.preprocess_summary)
+  return {'summary': layout.preprocess_summary, 'transform': layout.transform,
+          'data': layout.data, 'splits': summary.get('splits')}
 
 
 def _preprocess(args):
