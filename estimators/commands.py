@@ -1,4 +1,4 @@
-"""`estpipe train`, `evaluate`, `export` and `verify-export`.
+"""`estpipe train`, `cluster`, `evaluate`, `export` and `verify-export`.
 
 These commands wire the trainer to the serving stage's export library
 (serving/export.py, serving/verify.py): training hands the exporters to
@@ -9,12 +9,16 @@ so `estpipe --help` stays fast.
 
 import json
 import logging
+import os
 
+from estimators import cluster
+from estimators import vertex
 from pipeline import fs
+from pipeline import rundir
 from pipeline import runrecord
 from pipeline.args import (add_config_args, add_export_choice, chosen_export,
                            config_from_args, register_stage)
-from pipeline.errors import UserError
+from pipeline.errors import TaskFailed, UserError
 
 log = logging.getLogger('estpipe')
 
@@ -33,6 +37,8 @@ def register(subparsers):
       'evaluator.')
   add_config_args(parser)
   parser.set_defaults(func=_train)
+
+  _register_cluster(subparsers)
 
   parser = subparsers.add_parser(
       'evaluate', help='evaluate a checkpoint on the eval split',
@@ -136,6 +142,88 @@ def run_train(config, beam_args=(), verbose=False):
   log.info('trained to step %d: %s (%s)', record['global_step'],
            _format(_headline(record['metrics'])),
            config.rundir.metrics)
+  return 0
+
+
+def _register_cluster(subparsers):
+  parser = subparsers.add_parser(
+      'cluster', help='train on a local cluster of processes, or write the '
+      'Vertex AI job for one',
+      description='Runs `estpipe train CONFIG` as a chief, N workers, M ps '
+      'tasks and an evaluator on 127.0.0.1, each with its TF_CONFIG; their '
+      'output comes prefixed with the task name. It stops every task when '
+      'the chief and the evaluator are done, when one fails (exiting with '
+      'its status), or on SIGINT/SIGTERM. --ps 0 trains with '
+      'multi_worker_mirrored, --ps M>0 with parameter_server. With --emit '
+      'vertex it starts nothing and writes the same cluster as a Vertex AI '
+      'CustomJob spec.')
+  add_config_args(parser)
+  parser.add_argument('--workers', type=int, default=1,
+                      help='worker tasks besides the chief (default 1)')
+  parser.add_argument('--ps', type=int, default=0,
+                      help='parameter-server tasks (default 0)')
+  parser.add_argument('--timeout', type=float, default=None,
+                      metavar='SECONDS', help='stop the cluster and fail '
+                      'after this long (default: no limit)')
+  parser.add_argument('--evaluator_timeout', type=float,
+                      default=cluster.EVALUATOR_TIMEOUT_SECS,
+                      metavar='SECONDS', help='how long the evaluator may '
+                      'take after the chief finished (default %(default)s)')
+  parser.add_argument('--emit', choices=['vertex'],
+                      help='write a cloud job spec instead of running')
+  parser.add_argument('--out', default='vertex-job.json',
+                      help='--emit: the spec file (.yaml/.yml: YAML, else '
+                      'JSON; default %(default)s)')
+  parser.add_argument('--package_uri', metavar='GS_PATH',
+                      help='--emit: the uploaded sdist, e.g. '
+                      'gs://BUCKET/estpipe-0.1.0.tar.gz')
+  parser.add_argument('--config_uri', metavar='GS_PATH',
+                      help='--emit: where the config was uploaded; replicas '
+                      'read it through /gcs/')
+  parser.add_argument('--machine_type', default=vertex.MACHINE_TYPE,
+                      help='--emit: every pool\'s machine (default '
+                      '%(default)s)')
+  parser.add_argument('--image', default=vertex.IMAGE,
+                      help='--emit: executorImageUri (default %(default)s)')
+  parser.set_defaults(func=_cluster)
+
+
+def _cluster(args):
+  config = config_from_args(args)
+  cluster.check_counts(args.workers, args.ps)
+  distribution = cluster.distribution_for(config, args.ps)
+  if args.emit:
+    return _emit_vertex(args, config, distribution)
+  rundir.require_preprocessed(config.rundir)
+  command = cluster.train_command(os.path.abspath(args.config),
+                                  args.overrides, distribution, args.verbose)
+  log.info('cluster: chief, %d worker(s), %d ps and an evaluator, %s',
+           args.workers, args.ps, distribution)
+  outcome = cluster.run(command, args.workers, args.ps, timeout=args.timeout,
+                        evaluator_timeout=args.evaluator_timeout)
+  if outcome.code:
+    raise TaskFailed(f'{outcome.message}; stopped every task', outcome.code)
+  log.info('cluster done: %s; newest export: %s', outcome.message,
+           _newest_export(config))
+  return 0
+
+
+def _newest_export(config):
+  versions = rundir.list_versions(config.rundir.export)
+  return config.rundir.version(versions[-1]) if versions else 'none'
+
+
+def _emit_vertex(args, config, distribution):
+  if not args.package_uri:
+    raise UserError('--emit vertex needs --package_uri gs://.../'
+                    'estpipe-VERSION.tar.gz (the uploaded sdist)')
+  spec = vertex.emit(config, args.config, args.overrides, distribution,
+                     args.workers, args.ps, args.package_uri, args.config_uri,
+                     args.image, args.machine_type)
+  vertex.write_spec(spec, args.out)
+  log.info('wrote %s: submit it with gcloud ai custom-jobs create '
+           '--region=REGION --display-name=NAME --config=%s', args.out,
+           args.out)
   return 0
 
 

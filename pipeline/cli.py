@@ -55,7 +55,7 @@ def main(argv=None):
     return 2
   except UserError as e:
     print(f'estpipe: error: {e}', file=sys.stderr)
-    return 1
+    return e.exit_code
 
 
 def _quiet_imports(argv):

@@ -8,6 +8,16 @@ never depend on the command line.
 
 class UserError(Exception):
   """A failure the user can fix (bad input, missing outputs, wrong flags)."""
+  # The command's exit status.
+  exit_code = 1
+
+
+class TaskFailed(UserError):
+  """A process the command ran failed; the command exits with its status."""
+
+  def __init__(self, message, exit_code):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 class ConfigError(ValueError):

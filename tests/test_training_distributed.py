@@ -1,15 +1,14 @@
 """Distributed and interrupted training, in real separate processes.
 
-Clusters run on 127.0.0.1 only (TensorFlow servers bind every interface, so
-tests stay on loopback ports); ps tasks never exit on their own and are
-always killed here.
+Clusters are launched by the product's own code (estimators/cluster.py,
+what `estpipe cluster` runs): tasks on 127.0.0.1 ports, ps tasks stopped
+once the chief and the evaluator are done.
 """
 
-import json
+import collections
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import time
 import pytest
 import tensorflow as tf
 
+from estimators import cluster
 from estimators import train as train_lib
 from pipeline import runrecord
 from tests.conftest import ROOT
 from tests.test_training import cli_env, derive, majority_accuracy, write_yaml
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def checkpoint_steps(model_dir):
@@ -43,46 +37,27 @@ def exported_models(config):
                                        'saved_model.pb'))
 
 
-def run_cluster(config_path, cluster, tmp_path, timeout=300):
-  """Runs `estpipe train` as every task of `cluster` plus an evaluator.
+def run_cluster(config_path, workers, ps, timeout=300):
+  """Runs `estpipe train` as a chief, workers, ps and an evaluator.
 
-  Returns {task: (returncode, log text)} for the tasks that exit by
-  themselves; ps tasks are killed once the others are done.
+  Launched by the product's cluster code (estimators/cluster.py). Returns
+  {task name: (returncode, log text)} for the tasks that exit by
+  themselves; ps tasks are stopped once the others are done.
   """
-  tasks = [(job, i) for job in cluster for i in range(len(cluster[job]))]
-  tasks.append(('evaluator', 0))
-  procs, logs = {}, {}
-  try:
-    for job, index in tasks:
-      tf_config = json.dumps({'cluster': cluster,
-                              'task': {'type': job, 'index': index}})
-      logs[job, index] = tmp_path / f'{job}{index}.log'
-      with open(logs[job, index], 'w') as log:
-        procs[job, index] = subprocess.Popen(
-            [sys.executable, '-m', 'pipeline.cli', 'train', config_path],
-            cwd=ROOT, env=cli_env(TF_CONFIG=tf_config), stdout=log,
-            stderr=subprocess.STDOUT)
-    deadline = time.time() + timeout
-    results = {}
-    for key, proc in procs.items():
-      if key[0] == 'ps':
-        continue
-      try:
-        proc.wait(timeout=max(1, deadline - time.time()))
-      except subprocess.TimeoutExpired:
-        pass
-      results[key] = (proc.returncode, logs[key].read_text())
-    return results
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  logs = collections.defaultdict(str)
+
+  def collect(name, line):
+    logs[name] += line
+  outcome = cluster.run(cluster.train_command(config_path), workers, ps,
+                        on_line=collect, env=cli_env(), timeout=timeout)
+  return {name: (code, logs[name])
+          for name, code in outcome.returncodes.items()
+          if not name.startswith('ps')}
 
 
 def assert_ran(results):
-  for (job, index), (code, log) in results.items():
-    assert code == 0, f'{job}{index} exited with {code}:\n{log[-3000:]}'
+  for name, (code, log) in results.items():
+    assert code == 0, f'{name} exited with {code}:\n{log[-3000:]}'
 
 
 def trained_steps(log):
@@ -115,33 +90,28 @@ def assert_cluster_outcome(config, results, steps, majority):
   assert record['metrics']['accuracy'] > majority + 0.04
   # The evaluator exported a SavedModel.
   assert exported_models(config), os.listdir(config.run_dir)
-  assert 'exported' in results['evaluator', 0][1]
+  assert 'exported' in results['evaluator0'][1]
 
 
 def test_parameter_server_cluster(census_run, census_majority, tmp_path):
   steps = 600
   config, path = cluster_config(census_run, tmp_path, 'parameter_server',
                                 steps)
-  cluster = {'chief': [f'127.0.0.1:{free_port()}'],
-             'worker': [f'127.0.0.1:{free_port()}'],
-             'ps': [f'127.0.0.1:{free_port()}']}
-  results = run_cluster(path, cluster, tmp_path)
+  results = run_cluster(path, workers=1, ps=1)
   assert_cluster_outcome(config, results, steps, census_majority)
   # Asynchronous training: both the chief and the worker took steps.
-  assert trained_steps(results['chief', 0][1])
-  assert trained_steps(results['worker', 0][1])
+  assert trained_steps(results['chief0'][1])
+  assert trained_steps(results['worker0'][1])
 
 
 def test_multi_worker_mirrored_cluster(census_run, census_majority, tmp_path):
   steps = 200
   config, path = cluster_config(census_run, tmp_path,
                                 'multi_worker_mirrored', steps)
-  cluster = {'chief': [f'127.0.0.1:{free_port()}'],
-             'worker': [f'127.0.0.1:{free_port()}']}
-  results = run_cluster(path, cluster, tmp_path)
+  results = run_cluster(path, workers=1, ps=0)
   assert_cluster_outcome(config, results, steps, census_majority)
   # Synchronous training: the worker reached the final step with the chief.
-  assert max(trained_steps(results['worker', 0][1])) >= steps
+  assert max(trained_steps(results['worker0'][1])) >= steps
 
 
 def test_mirrored_on_two_cpu_devices(census_run, census_majority, tmp_path):
