@@ -13,7 +13,8 @@ another machine or under another runner:
   evaluation.json           `estpipe evaluate`'s metrics
   export/<version>/         SavedModels in TensorFlow Serving's layout
   history.jsonl             one line per stage start, success or failure
-  .staging/                 work in progress, never read by another stage
+  .staging/                 work in progress, never read by another stage;
+                            .staging/STAGE-ID/CANCELLED: that job was cancelled
 """
 
 import os
@@ -80,6 +81,11 @@ class RunDir:
   @property
   def staging(self):
     return self.path('.staging')
+
+  @property
+  def cancel_marker(self):
+    """In a staging folder: its job was cancelled, publish nothing."""
+    return self.path('CANCELLED')
 
   # Preprocessing publishes these folders together, then the summary.
   PREPROCESS_OUTPUTS = ('transform', 'data', 'rejects')
