@@ -16,6 +16,9 @@ REQUIRED = [
     'apache-beam[gcp]==2.56.0',
     'tensorflow-serving-api==2.15.1',
     'pyyaml>=5.4',
+    # Beam stages --setup_file (Dataflow, other remote workers) with
+    # `python -m build --sdist`; without it staging retries for minutes.
+    'build>=1.0',
 ]
 
 TEST = [

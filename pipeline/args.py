@@ -28,6 +28,14 @@ def add_config_args(parser):
                       'train.steps=200 (repeatable)')
 
 
+def add_detach(parser):
+  """--detach: submit the Beam job and return (its id on the last line)."""
+  parser.add_argument('--detach', action='store_true',
+                      help='submit the job to its runner (a job service, '
+                      'Dataflow) and return; the job id is the last line '
+                      'of the output (see `estpipe jobs`)')
+
+
 def config_from_args(args):
   return load_config(args.config, args.overrides)
 

@@ -16,7 +16,8 @@ another machine or under another runner:
   history.jsonl             one line per stage start, success or failure
   run.json                  `estpipe run`'s record: config, inputs, stages
   logs/STAGE.log            each stage's log under `estpipe run`
-  .staging/                 work in progress, never read by another stage
+  .staging/                 work in progress, never read by another stage;
+                            .staging/STAGE-ID/CANCELLED: that job was cancelled
 """
 
 import os
@@ -94,6 +95,11 @@ class RunDir:
   @property
   def staging(self):
     return self.path('.staging')
+
+  @property
+  def cancel_marker(self):
+    """In a staging folder: its job was cancelled, publish nothing."""
+    return self.path('CANCELLED')
 
   # Preprocessing publishes these folders together, then the summary.
   PREPROCESS_OUTPUTS = ('transform', 'data', 'rejects')

@@ -37,14 +37,26 @@ def staging_dir(run_dir, stage):
   Removed on exit; whatever the stage published by `publish` survives. The
   staging root goes too once no other stage uses it.
   """
-  root = RunDir(run_dir).staging
-  path = os.path.join(root, f'{stage}-{uuid.uuid4().hex[:8]}')
-  _make_staging(path)
+  path = new_staging(run_dir, stage)
   try:
     yield path
   finally:
-    fs.rmtree(path)
-    fs.rmdir_if_empty(root)  # unless another stage is staging
+    remove_staging(path)
+
+
+def new_staging(run_dir, stage):
+  """Creates RUN_DIR/.staging/STAGE-<id> (for a job that outlives its caller,
+  which removes it with `remove_staging` when done)."""
+  path = os.path.join(RunDir(run_dir).staging,
+                      f'{stage}-{uuid.uuid4().hex[:8]}')
+  _make_staging(path)
+  return path
+
+
+def remove_staging(path):
+  """Removes a staging folder, and the staging root once no stage uses it."""
+  fs.rmtree(path)
+  fs.rmdir_if_empty(os.path.dirname(path.rstrip('/')))
 
 
 def _make_staging(path):
@@ -102,3 +114,14 @@ def read_history(run_dir):
       except ValueError:
         continue
   return lines
+
+
+def last_history(run_dir, stage, attempt, statuses):
+  """The last history line of `stage` for `attempt` (the summary's
+  'attempt') with one of `statuses`, or None."""
+  found = None
+  for line in read_history(run_dir):
+    if (line.get('stage') == stage and line.get('status') in statuses and
+        (line.get('summary') or {}).get('attempt') == attempt):
+      found = line
+  return found

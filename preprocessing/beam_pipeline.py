@@ -3,15 +3,17 @@
     files --ReadRawData--> train rows --AnalyzeDataset--> transform_fn
     files --ReadRawData--> train / eval rows + rejects
     each split --TransformDataset(transform_fn)--> --WriteExamples-->
-        RUN_DIR/data/{split}-*.tfrecord.gz
+        RUN_DIR/.staging/ID/data/{split}-*.tfrecord.gz
+    written files, transform fn, per-split counts --Publish--> RUN_DIR/
 
 The files are read twice on purpose: a single read would have to hold the
 whole training split until the analysis is done, so memory would grow with
 the data; reading again lets the transform stream, in constant memory.
 
-Everything that runs on workers is defined here, in an installed module, so
-the job runs under the multi-processing DirectRunner, Dataflow and portable
-runners alike.
+Everything that runs on workers is defined here (and in publish.py), in
+installed modules, so the job runs under the multi-processing DirectRunner,
+Dataflow and portable runners alike. The job publishes its own outputs as its
+last step (preprocessing/publish.py), so it needs no client to finish.
 """
 
 import json
@@ -20,28 +22,26 @@ import os
 import time
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.options.pipeline_options import StandardOptions
 import tensorflow_transform.beam as tft_beam
 from tfx_bsl.coders import example_coder
 from tfx_bsl.public import tfxio
 
 from pipeline import fs
 from pipeline.rundir import RunDir
+from preprocessing import publish
 from preprocessing import rows as rows_lib
+from preprocessing import runners
 from preprocessing import schema as schema_lib
 from preprocessing.transform_fn import build_preprocessing_fn
 
-_NAMESPACE = 'estpipe'
 _PROGRESS_EVERY = 200_000
 SPLITS = ('train', 'eval')
 _log = logging.getLogger('estpipe')
 
 
 class _ParseFile(beam.DoFn):
-  """One raw file -> record batches per split, and rejects with reasons."""
+  """One raw file -> record batches per split, rejects with reasons, and
+  ('SPLIT_read' | 'SPLIT_rejected', n) counts."""
 
   def __init__(self, config, split, report=True):
     self._config = config
@@ -51,28 +51,19 @@ class _ParseFile(beam.DoFn):
 
   def setup(self):
     self._parser = rows_lib.RowParser(self._config)
-    self._counters = {}
-
-  def _count(self, name, n=1):
-    if not self._report:
-      return
-    if name not in self._counters:
-      self._counters[name] = Metrics.counter(_NAMESPACE, name)
-    self._counters[name].inc(n)
 
   def process(self, path):
     batch_size = self._config.preprocessing.batch_size
     fraction = self._config.data.eval_fraction
     pending = {s: [] for s in SPLITS}
     counts = {s: 0 for s in SPLITS}
-    rejected = 0
+    rejected = {s: 0 for s in SPLITS}
     unit = 'record' if self._config.data.format == 'tfrecord' else 'line'
     for number, raw, result in self._parser.read_file(path):
       split = self._split or ('eval' if rows_lib.is_eval_row(raw, fraction)
                               else 'train')
       if isinstance(result, rows_lib.Reject):
-        rejected += 1
-        self._count(f'{split}_rejected')
+        rejected[split] += 1
         if not self._report:
           continue
         yield beam.pvalue.TaggedOutput('rejects', {
@@ -92,17 +83,27 @@ class _ParseFile(beam.DoFn):
       if pending[split]:
         yield beam.pvalue.TaggedOutput(
             split, self._parser.record_batch(pending[split]))
-      self._count(f'{split}_read', counts[split])
     if self._report:
-        _log.info('read %s: %d train rows, %d eval rows, %d rejected',
-                path, counts['train'], counts['eval'], rejected)
+      yield from self._counts(counts, rejected)
+      _log.info('read %s: %d train rows, %d eval rows, %d rejected',
+                path, counts['train'], counts['eval'],
+                sum(rejected.values()))
+
+  def _counts(self, good, rejected):
+    for split in SPLITS:
+      yield beam.pvalue.TaggedOutput(
+          'counts', (f'{split}_read', good[split] + rejected[split]))
+      yield beam.pvalue.TaggedOutput(
+          'counts', (f'{split}_rejected', rejected[split]))
 
 
 class ReadRawData(beam.PTransform):
-  """Raw files -> {'train', 'eval', 'rejects'} PCollections.
+  """Raw files -> {'train', 'eval', 'rejects', 'counts'} PCollections.
 
   With one input, each row goes to eval by a stable hash of its raw bytes.
   """
+
+  _OUTPUTS = ('train', 'eval', 'rejects', 'counts')
 
   def __init__(self, config, report=True):
     super().__init__()
@@ -115,18 +116,20 @@ class ReadRawData(beam.PTransform):
             | f'List{key}' >> beam.Create(files)
             | f'Parse{key}' >> beam.ParDo(
                 _ParseFile(self._config, split, self._report))
-            .with_outputs('train', 'eval', 'rejects'))
+            .with_outputs(*self._OUTPUTS))
 
   def expand(self, pipeline):
     data = self._config.data
     if not data.eval_patterns:
       parsed = self._read(pipeline, data.train_patterns, 'Data', None)
-      return {s: parsed[s] for s in ('train', 'eval', 'rejects')}
+      return {s: parsed[s] for s in self._OUTPUTS}
     train = self._read(pipeline, data.train_patterns, 'Train', 'train')
     evals = self._read(pipeline, data.eval_patterns, 'Eval', 'eval')
     rejects = ((train.rejects, evals.rejects)
                | 'AllRejects' >> beam.Flatten())
-    return {'train': train.train, 'eval': evals.eval, 'rejects': rejects}
+    counts = (train.counts, evals.counts) | 'AllCounts' >> beam.Flatten()
+    return {'train': train.train, 'eval': evals.eval, 'rejects': rejects,
+            'counts': counts}
 
 
 def _encode(batch_and_passthrough):
@@ -135,33 +138,33 @@ def _encode(batch_and_passthrough):
 
 
 class WriteExamples(beam.PTransform):
-  """Transformed record batches -> gzip TFRecords of tf.Example."""
+  """Serialized tf.Examples -> gzip TFRecords; the written file names."""
 
-  def __init__(self, prefix, split):
+  def __init__(self, prefix):
     super().__init__()
     self._prefix = prefix
-    self._split = split
 
-  def expand(self, batches):
-    return (batches
-            | 'Encode' >> beam.FlatMap(_encode)
-            | 'Count' >> beam.ParDo(_CountRows(f'{self._split}_written'))
-            | 'Write' >> beam.io.WriteToTFRecord(
-                self._prefix, file_name_suffix='.tfrecord.gz',
-                compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+  def expand(self, examples):
+    return examples | 'Write' >> beam.io.WriteToTFRecord(
+        self._prefix, file_name_suffix='.tfrecord.gz',
+        compression_type=beam.io.filesystem.CompressionTypes.GZIP)
 
 
-class _CountRows(beam.DoFn):
+class CountAs(beam.PTransform):
+  """A PCollection -> one (name, number of elements) pair."""
 
   def __init__(self, name):
+    super().__init__()
     self._name = name
 
-  def setup(self):
-    self._counter = Metrics.counter(_NAMESPACE, self._name)
+  def expand(self, pcoll):
+    return (pcoll
+            | 'Count' >> beam.combiners.Count.Globally()
+            | 'Name' >> beam.Map(_named, self._name))
 
-  def process(self, element):
-    self._counter.inc()
-    yield element
+
+def _named(value, name):
+  return name, value
 
 
 def to_json(record):
@@ -207,13 +210,10 @@ def tensor_adapter_config(config):
   return tfxio.TensorAdapterConfig(parser.arrow_schema(), representations)
 
 
-def build(pipeline, config, out_dir, start=None):
-  """Adds the preprocessing job to `pipeline`, writing under `out_dir`.
-
-  `out_dir` is laid out as a run directory (a staging one until published).
-  """
-  start = start or time.time()
-  staged = RunDir(out_dir)
+def build(pipeline, config, job):
+  """Adds the preprocessing job to `pipeline`: it writes into `job.staging`
+  and, as its last step, publishes into `job.run_dir` (publish.Job)."""
+  staged = RunDir(job.staging)
   adapter = tensor_adapter_config(config)
   for_analysis = pipeline | 'ReadForAnalysis' >> ReadRawData(
       config, report=False)
@@ -224,64 +224,36 @@ def build(pipeline, config, out_dir, start=None):
                 | 'WriteTransformFn' >> tft_beam.WriteTransformFn(
                     staged.transform))
   milestone(written_fn, 'ReportAnalysis',
-            'analysis done: transform graph written', start)
+            'analysis done: transform graph written', job.start)
   raw = pipeline | 'ReadRawData' >> ReadRawData(config)
+  written, counts = [written_fn], [raw['counts']]
   for split in SPLITS:
     name = split.title()
     transformed, _ = (
         ((raw[split], adapter), transform_fn)
         | f'Transform{name}' >> tft_beam.TransformDataset(
             output_record_batches=True))
-    files = transformed | f'Write{name}' >> WriteExamples(
-        os.path.join(staged.data, split), split)
-    milestone(files, f'Report{name}', f'{split} split written: {{}}', start)
-  _ = raw['rejects'] | 'WriteRejects' >> WriteRejects(
-      os.path.join(staged.rejects, 'rejects'))
+    examples = transformed | f'Encode{name}' >> beam.FlatMap(_encode)
+    files = examples | f'Write{name}' >> WriteExamples(
+        os.path.join(staged.data, split))
+    milestone(files, f'Report{name}', f'{split} split written: {{}}',
+              job.start)
+    written.append(files)
+    counts.append(examples | f'Count{name}' >> CountAs(f'{split}_written'))
+  written.append(raw['rejects'] | 'WriteRejects' >> WriteRejects(
+      os.path.join(staged.rejects, 'rejects')))
+  _ = ({'counts': counts | 'AllCounts' >> beam.Flatten(),
+        'written': written | 'AllWritten' >> beam.Flatten()}
+       | 'Publish' >> publish.Publish(job))
 
 
-def pipeline_options(beam_args):
-  """Beam options from the command line, with estpipe's defaults."""
-  args = list(beam_args)
-  if not any(a.startswith('--pickle_library') for a in args):
-    # cloudpickle pickles the job's many tf.Transform DoFns faster than
-    # dill (about 1 s of a 15 s Census job) and works on every runner.
-    args.append('--pickle_library=cloudpickle')
-  return PipelineOptions(args)
-
-
-def runner_name(options):
-  return options.view_as(StandardOptions).runner or 'DirectRunner'
-
-
-def run_job(config, out_dir, beam_args=()):
-  """Runs the job; returns the summary (counts, time, runner)."""
-  options = pipeline_options(beam_args)
-  runner = runner_name(options)
-  start = time.time()
+def submit(config, staging, options):
+  """Submits the job (staging in `staging`); returns Beam's PipelineResult."""
+  job = publish.Job(
+      run_dir=config.run_dir, staging=staging, config_source=config.source,
+      max_reject_fraction=config.preprocessing.max_reject_fraction,
+      runner=runners.runner_name(options), splits=SPLITS, start=time.time())
   pipeline = beam.Pipeline(options=options)
-  with tft_beam.Context(temp_dir=os.path.join(out_dir, 'tmp')):
-    build(pipeline, config, out_dir, start)
-    result = pipeline.run()
-    result.wait_until_finish()
-  counts = counters(result)
-  summary = {'runner': runner,
-             'wall_seconds': round(time.time() - start, 2),
-             'splits': {}}
-  for split in SPLITS:
-    summary['splits'][split] = {
-        'read': counts.get(f'{split}_read', 0) +
-                counts.get(f'{split}_rejected', 0),
-        'written': counts.get(f'{split}_written', 0),
-        'rejected': counts.get(f'{split}_rejected', 0)}
-  return summary
-
-
-def counters(result, namespace=_NAMESPACE):
-  """A finished job's counters in `namespace`, summed over steps."""
-  found = {}
-  for counter in result.metrics().query(
-      MetricsFilter().with_namespace(namespace))['counters']:
-    name = counter.key.metric.name
-    found[name] = found.get(name, 0) + (counter.committed or
-                                        counter.attempted or 0)
-  return found
+  with tft_beam.Context(temp_dir=os.path.join(staging, 'tmp')):
+    build(pipeline, config, job)
+    return pipeline.run()

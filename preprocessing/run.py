@@ -1,4 +1,8 @@
-"""`estpipe preprocess`: run the job in staging, check it, publish it."""
+"""`estpipe preprocess`: check the options, submit the job, wait or detach.
+
+The job publishes its own outputs as its last step (preprocessing/publish.py),
+so waiting for it only reports: the outcome is its history line.
+"""
 
 import json
 import logging
@@ -6,57 +10,83 @@ import logging
 from pipeline import errors
 from pipeline import fs
 from pipeline import runrecord
-from pipeline.rundir import RunDir
 from preprocessing import beam_pipeline
+from preprocessing import publish
+from preprocessing import runners
 
 _log = logging.getLogger('estpipe')
 
 
-def preprocess(config, beam_args=()):
+def preprocess(config, beam_args=(), detach=False):
   """Runs preprocessing for `config`; returns the summary dict.
 
   Outputs appear only when the job succeeded: until then they live in a
   staging folder, and preprocess.json (the completeness marker) comes last.
+  A job that estpipe does not wait for (--detach, a Dataflow job build)
+  returns {'submitted': lines saying where, 'job_id': id or None}.
   """
-  layout = config.rundir
+  options = runners.pipeline_options(beam_args)
+  target = runners.check(options, detach, _worker_paths(config))
   fs.makedirs(config.run_dir)
-  runrecord.append_history(config.run_dir, 'preprocess', 'started')
-  with runrecord.staging_dir(config.run_dir, 'preprocess') as stage:
+  if not target.waits:
+    return _submit_detached(config, options, target)
+  runrecord.append_history(config.run_dir, publish.STAGE, 'started')
+  with runrecord.staging_dir(config.run_dir, publish.STAGE) as stage:
     try:
-      summary = beam_pipeline.run_job(config, stage, beam_args)
-      summary['rejects_path'] = layout.rejects
-      _log_summary(summary)
-      _check_rejects(config, summary, stage)
+      beam_pipeline.submit(config, stage, runners.with_staging(
+          options, stage)).wait_until_finish()
     except Exception as e:
-      runrecord.append_history(config.run_dir, 'preprocess', 'failed',
-                               {'error': str(e)})
-      raise
-    _publish(layout, stage)
-    summary['config'] = config.source
-    runrecord.write_json(layout.preprocess_summary, summary)
-  runrecord.append_history(config.run_dir, 'preprocess', 'succeeded', summary)
+      _raise_outcome(config, stage, e)
+  summary = _outcome(config, stage)
+  _log_summary(summary)
   return summary
 
 
-def _check_rejects(config, summary, stage):
-  read = sum(s['read'] for s in summary['splits'].values())
-  rejected = sum(s['rejected'] for s in summary['splits'].values())
+def _worker_paths(config):
+  paths = {'run_dir': config.run_dir}
+  for i, pattern in enumerate(config.data.train_patterns +
+                              config.data.eval_patterns):
+    paths[f'data input {i + 1}'] = pattern
+  return paths
+
+
+def _submit_detached(config, options, target):
+  stage = runrecord.new_staging(config.run_dir, publish.STAGE)
   try:
-    errors.check_reject_fraction(read, rejected,
-                                 config.preprocessing.max_reject_fraction,
-                                 config.rundir.rejects)
-  except errors.TooManyRejects:
-    # Rejects are published so the user can see why; data and transform
-    # are not, and an earlier complete run stays as it was.
-    runrecord.publish(RunDir(stage).rejects, config.rundir.rejects)
+    result = beam_pipeline.submit(config, stage,
+                                  runners.with_staging(options, stage))
+  except Exception:
+    runrecord.remove_staging(stage)
     raise
+  lines, job_id = runners.submitted(result, options, target)
+  if target.kind == 'dataflow_build':
+    # Nothing runs yet; the job's workers create the folder when it does.
+    runrecord.remove_staging(stage)
+  runrecord.append_history(config.run_dir, publish.STAGE, 'submitted', {
+      'attempt': publish.attempt_of(stage), 'runner': target.runner,
+      'job_id': job_id})
+  return {'submitted': lines, 'job_id': job_id}
 
 
-def _publish(layout, stage):
-  if fs.exists(layout.preprocess_summary):
-    fs.remove(layout.preprocess_summary)
-  for name in layout.PREPROCESS_OUTPUTS:
-    runrecord.publish(RunDir(stage).path(name), layout.path(name))
+def _outcome(config, stage):
+  outcome = publish.outcome_of(config.run_dir, publish.attempt_of(stage))
+  if outcome is None:
+    raise RuntimeError('the preprocessing job ended without publishing')
+  if outcome['status'] == 'cancelled':
+    raise errors.UserError('the job was cancelled: nothing was published')
+  if outcome['status'] == 'failed':
+    raise errors.TooManyRejects(outcome['summary']['error'])
+  return outcome['summary']
+
+
+def _raise_outcome(config, stage, error):
+  """A failed job: the publishing step's verdict, or the job's error."""
+  outcome = publish.outcome_of(config.run_dir, publish.attempt_of(stage))
+  if outcome and outcome['status'] == 'failed':
+    raise errors.TooManyRejects(outcome['summary']['error']) from None
+  runrecord.append_history(config.run_dir, publish.STAGE, 'failed', {
+      'error': str(error), 'attempt': publish.attempt_of(stage)})
+  raise error
 
 
 def _log_summary(summary):

@@ -25,12 +25,14 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
 
 from pipeline import errors
 from pipeline import fs
 from pipeline import signatures
 from preprocessing import beam_pipeline
 from preprocessing import rows as rows_lib
+from preprocessing import runners
 from serving import raw_examples
 
 log = logging.getLogger('estpipe')
@@ -202,7 +204,9 @@ def predict(config, export_path, input_pattern, output, data_format=None,
   tag = uuid.uuid4().hex[:8]
   staged = f'{output}.tmp-{tag}'
   staged_rejects = f'{rejects_path(output)}.tmp-{tag}'
-  options = beam_pipeline.pipeline_options(beam_args)
+  options = _checked_options(beam_args, {
+      '--input': input_pattern, '--output': output, 'the export': export_path})
+  runner = runners.runner_name(options)  # before Beam's Pipeline edits it
   start = time.time()
   pipeline = beam.Pipeline(options=options)
   build(pipeline, config, export_path, files, data_format, output_format,
@@ -210,7 +214,7 @@ def predict(config, export_path, input_pattern, output, data_format=None,
   try:
     result = pipeline.run()
     result.wait_until_finish()
-    counters = beam_pipeline.counters(result, _NAMESPACE)
+    counters = _counters(result)
     summary = {
         'export': export_path, 'input_files': len(files),
         'read': counters.get('read', 0),
@@ -218,7 +222,7 @@ def predict(config, export_path, input_pattern, output, data_format=None,
         'written': counters.get('written', 0),
         'output': output, 'rejects': rejects_path(output),
         'wall_seconds': round(time.time() - start, 2),
-        'runner': beam_pipeline.runner_name(options)}
+        'runner': runner}
     # Rejects are published either way, so the user can see why.
     FileSystems.rename([staged_rejects], [rejects_path(output)])
     _check_rejects(config, summary)
@@ -229,6 +233,26 @@ def predict(config, export_path, input_pattern, output, data_format=None,
         FileSystems.delete([path])
       _remove_beam_temp(path)
   return summary
+
+
+def _checked_options(beam_args, paths):
+  options = runners.pipeline_options(beam_args)
+  if not runners.check(options, False, paths).waits:
+    # The client publishes the predictions once the job is done.
+    raise errors.UserError('estpipe predict waits for its job: a Dataflow '
+                           'job build (--template_location) is not supported')
+  return options
+
+
+def _counters(result):
+  """A finished job's counters, summed over steps."""
+  found = {}
+  for counter in result.metrics().query(
+      MetricsFilter().with_namespace(_NAMESPACE))['counters']:
+    name = counter.key.metric.name
+    found[name] = found.get(name, 0) + (counter.committed or
+                                        counter.attempted or 0)
+  return found
 
 
 def _remove_beam_temp(path):

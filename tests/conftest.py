@@ -117,3 +117,58 @@ def local(exports):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return {kind: tf.saved_model.load(path)
           for kind, path in exports.items()}
+
+
+# A Beam job service with an external worker pool, as on a cluster: both on
+# free 127.0.0.1 ports, started once per session and killed after.
+
+def free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def wait_for_port(port, process, seconds=120):
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + seconds
+  while time.time() < deadline:
+    assert process.poll() is None, f'{process.args} exited'
+    with socket.socket() as s:
+      if s.connect_ex(('127.0.0.1', port)) == 0:
+        return
+    time.sleep(0.2)
+  raise AssertionError(f'{process.args} did not listen on {port}')
+
+
+def _start(module, *args):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  # Pool workers start `python` from PATH and import the project from ROOT.
+  env = dict(os.environ, PYTHONPATH=ROOT,
+             PATH=f'{os.path.dirname(sys.executable)}:{os.environ["PATH"]}')
+  return subprocess.Popen([sys.executable, '-m', module, *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+
+
+@pytest.fixture(scope='session')
+def job_service():
+  """Beam flags for a local job service with an EXTERNAL worker pool."""
+  import signal  # pylint: disable=g-import-not-at-top
+  job_port, pool_port = free_port(), free_port()
+  service = _start('apache_beam.runners.portability.local_job_service_main',
+                   '--port', str(job_port))
+  pool = _start('apache_beam.runners.worker.worker_pool_main',
+                '--service_port', str(pool_port))
+  try:
+    wait_for_port(job_port, service)
+    wait_for_port(pool_port, pool)
+    yield ['--runner=PortableRunner', f'--job_endpoint=localhost:{job_port}',
+           '--environment_type=EXTERNAL',
+           f'--environment_config=localhost:{pool_port}']
+  finally:
+    for process in (service, pool):  # with the workers they started
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()

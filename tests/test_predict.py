@@ -130,3 +130,40 @@ def test_failed_job_leaves_nothing_beside_the_output(census_export, tmp_path):
     predict.predict(config, path, data, str(out_dir / 'predictions.jsonl'))
   assert 'ParseRaw' in str(failure.value), 'failed midway, in the job'
   assert os.listdir(out_dir) == []
+
+
+@pytest.mark.slow
+def test_predict_on_a_job_service_matches_the_direct_runner(
+    census_export, job_service, tmp_path, capsys):
+  """Workers of an external pool: the same predictions and rejects."""
+  config, _ = census_export
+  data = str(tmp_path / 'head.csv')
+  with open(config.data.eval_patterns[0]) as src, open(data, 'w') as dst:
+    dst.writelines(line for _, line in zip(range(200), src))
+    dst.write(BAD_LINE + '\n')
+  outputs = {}
+  for name, flags in (('direct', []), ('portable', job_service)):
+    outputs[name] = str(tmp_path / name / 'predictions.jsonl')
+    code = cli.main(['predict', config.source, '--set',
+                     f'run_dir={config.run_dir}', '--input', data,
+                     '--output', outputs[name], *flags])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    summary = json.loads(out.out)
+  assert summary['runner'] == 'PortableRunner'
+  assert (summary['read'], summary['rejected']) == (201, 1)
+  direct, portable = (_by_key(outputs[name]) for name in outputs)
+  assert set(direct) == set(portable) and len(direct) == 200
+  for key, record in direct.items():
+    # RunInference batches differ between runners: floats to rounding.
+    assert record['classes'] == portable[key]['classes']
+    np.testing.assert_allclose(record['probabilities'],
+                               portable[key]['probabilities'], rtol=1e-5)
+  with open(predict.rejects_path(outputs['direct'])) as f, open(
+      predict.rejects_path(outputs['portable'])) as g:
+    assert f.read() == g.read()
+
+
+def _by_key(path):
+  with open(path) as f:
+    return {r['key']: r for r in map(json.loads, f)}

@@ -15,7 +15,7 @@ import tensorflow_transform as tft
 
 from pipeline import runrecord, synthetic
 from preprocessing import run as run_lib
-from tests.conftest import ROOT, example_config
+from tests.conftest import ROOT, example_config, free_port, wait_for_port
 from tests.test_preprocess import read_transformed, row_multiset
 
 
@@ -185,37 +185,18 @@ def test_user_module_replaces_preprocessing_fn(synthetic_csv, tmp_path):
   assert abs(mean) < 1e-3
 
 
-def _free_port():
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _wait_for_port(port, process, seconds=120):
-  import socket  # pylint: disable=g-import-not-at-top
-  deadline = time.time() + seconds
-  while time.time() < deadline:
-    assert process.poll() is None, 'the job service exited'
-    with socket.socket() as s:
-      if s.connect_ex(('127.0.0.1', port)) == 0:
-        return
-    time.sleep(0.2)
-  raise AssertionError(f'the job service did not listen on {port}')
-
-
 @pytest.mark.slow
 def test_portable_runner_job_submission(synthetic_run, synthetic_csv,
                                         tmp_path):
   """The job is submitted to a Beam job service, as to a cluster's."""
-  port = _free_port()
+  port = free_port()
   service = subprocess.Popen(
       [sys.executable, '-m',
        'apache_beam.runners.portability.local_job_service_main',
        '--port', str(port)],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    _wait_for_port(port, service)
+    wait_for_port(port, service)
     run_dir = tmp_path / 'portable'
     proc = subprocess.run(
         _preprocess_command(run_dir, synthetic_csv, '--runner=PortableRunner',
