@@ -53,6 +53,7 @@ def test_generate_data_then_run_every_stage(tmp_path):
   assert versions
   assert os.path.exists(run_dir / 'export' / versions[0] / 'saved_model.pb')
 
-  # The export takes raw rows and agrees with the Estimator (no skew).
-  estpipe('verify-export', os.path.join(ROOT, 'examples', 'synthetic.yaml'),
-          *sets)
+  # The run checked the export against the Estimator on raw rows (no skew).
+  record = json.load(open(run_dir / 'run.json'))
+  statuses = {s['name']: s['status'] for s in record['stages']}
+  assert statuses['verify-export'] == 'succeeded', statuses
