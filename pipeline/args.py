@@ -49,12 +49,6 @@ def register_stage(name, fn, **declaration):
   _STAGES[name] = runs.Stage(name, fn, **declaration)
 
 
-def stage(name):
-  """The runner of stage `name`, or None when its package is not installed."""
-  declared = _STAGES.get(name)
-  return declared.run if declared else None
-
-
 def declared_stage(name):
   """Stage `name` as declared (runs.Stage), or None when not installed."""
   return _STAGES.get(name)

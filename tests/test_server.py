@@ -44,6 +44,7 @@ from serving import grpc_service, rest
 from serving.batching import BatchingOptions, parse_batching_parameters
 from serving.server import ModelServer, ServerOptions
 from serving.versions import ModelConfig, parse_model_config_text
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [(0.2, 'a'), (0.9, 'b'), (0.5, 'zzz')]  # 'zzz' is out of vocabulary
@@ -850,19 +851,13 @@ def _wait_for(condition, timeout=60):
 
 # The command line
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_serve_command_finishes_in_flight_request_on_sigterm(model_root,
                                                             tmp_path):
   params = tmp_path / 'batching.txt'
   # A long batch timeout keeps the request in flight when SIGTERM arrives.
   params.write_text('max_batch_size { value: 8 }\n'
                     'batch_timeout_micros { value: 2000000 }\n')
-  rest_port = _free_port()
+  rest_port = free_port()
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
   process = subprocess.Popen(
       [sys.executable, '-m', 'pipeline.cli', 'serve', '--model_name=cls',
