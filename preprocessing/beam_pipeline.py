@@ -41,7 +41,7 @@ _log = logging.getLogger('estpipe')
 
 class _ParseFile(beam.DoFn):
   """One raw file -> record batches per split, rejects with reasons, and
-  ('SPLIT_read' | 'SPLIT_rejected', n) counts."""
+  ('SPLIT_read' | 'SPLIT_rejected' | 'train_missing/FEATURE', n) counts."""
 
   def __init__(self, config, split, report=True):
     self._config = config
@@ -58,6 +58,8 @@ class _ParseFile(beam.DoFn):
     pending = {s: [] for s in SPLITS}
     counts = {s: 0 for s in SPLITS}
     rejected = {s: 0 for s in SPLITS}
+    features = [c.name for c in self._parser.columns]
+    missing = [0] * len(features)  # per feature, in the train split
     unit = 'record' if self._config.data.format == 'tfrecord' else 'line'
     for number, raw, result in self._parser.read_file(path):
       split = self._split or ('eval' if rows_lib.is_eval_row(raw, fraction)
@@ -72,6 +74,10 @@ class _ParseFile(beam.DoFn):
             'raw': rows_lib.raw_for_json(raw)})
         continue
       counts[split] += 1
+      if split == 'train' and self._report:
+        for i, value in enumerate(result[:len(missing)]):
+          if value is None:
+            missing[i] += 1
       if self._report and sum(counts.values()) % _PROGRESS_EVERY == 0:
         _log.info('%s: %d rows read so far', path, sum(counts.values()))
       pending[split].append(result)
@@ -85,6 +91,9 @@ class _ParseFile(beam.DoFn):
             split, self._parser.record_batch(pending[split]))
     if self._report:
       yield from self._counts(counts, rejected)
+      for name, count in zip(features, missing):
+        yield beam.pvalue.TaggedOutput('counts',
+                                       (publish.missing_key(name), count))
       _log.info('read %s: %d train rows, %d eval rows, %d rejected',
                 path, counts['train'], counts['eval'],
                 sum(rejected.values()))
@@ -252,7 +261,9 @@ def submit(config, staging, options):
   job = publish.Job(
       run_dir=config.run_dir, staging=staging, config_source=config.source,
       max_reject_fraction=config.preprocessing.max_reject_fraction,
-      runner=runners.runner_name(options), splits=SPLITS, start=time.time())
+      runner=runners.runner_name(options), splits=SPLITS, start=time.time(),
+      features=tuple(f.name for f in config.features),
+      unfilled=tuple(schema_lib.unfilled_numeric(config)))
   pipeline = beam.Pipeline(options=options)
   with tft_beam.Context(temp_dir=os.path.join(staging, 'tmp')):
     build(pipeline, config, job)

@@ -39,6 +39,11 @@ class Job:
   runner: str
   splits: tuple
   start: float
+  # Raw features whose missing values in the train split are counted
+  # (preprocess.json's `train_missing`), and those of them filled with 0
+  # for want of a default (a warning names each one that was missing).
+  features: tuple = ()
+  unfilled: tuple = ()
 
   @property
   def attempt(self):
@@ -77,13 +82,34 @@ class _PublishFn(beam.DoFn):
 
 
 def summary(job, counts):
-  """preprocess.json: rows read, written and rejected per split, and more."""
+  """preprocess.json: rows read, written and rejected per split, missing
+  values per feature in the train split (`train_missing`), and more."""
   splits = {s: {k: counts.get(f'{s}_{k}', 0)
                 for k in ('read', 'written', 'rejected')} for s in job.splits}
   return {'runner': job.runner, 'splits': splits,
+          'train_missing': {name: counts.get(missing_key(name), 0)
+                            for name in job.features},
           'wall_seconds': round(time.time() - job.start, 2),
           'rejects_path': RunDir(job.run_dir).rejects,
           'config': job.config_source, 'attempt': job.attempt}
+
+
+def missing_key(feature):
+  """The count of a feature's missing values in the train split."""
+  return f'train_missing/{feature}'
+
+
+def _warn_unfilled(job, result):
+  """One warning per numeric feature that was missing in training and has
+  no default: preprocessing filled it with 0."""
+  train = result['splits'].get('train', {})
+  rows = train.get('read', 0) - train.get('rejected', 0)
+  for name in job.unfilled:
+    missing = result['train_missing'].get(name, 0)
+    if missing and rows:
+      _log.warning('feature %r: %.1f%% of training rows missing and no '
+                   'default; filled with 0 (set features.%s.default)', name,
+                   100.0 * missing / rows, name)
 
 
 def publish(job, counts):
@@ -98,6 +124,7 @@ def publish(job, counts):
     _history(job, 'cancelled', {})
     return
   result = summary(job, counts)
+  _warn_unfilled(job, result)
   try:
     _check_rejects(job, result)
   except errors.TooManyRejects as e:

@@ -34,6 +34,31 @@ def raw_feature_spec(config):
   return spec
 
 
+def unfilled_numeric(config):
+  """Numeric features that preprocessing fills with 0 when missing: no
+  `default` in the config (and the generated preprocessing_fn, not a user
+  module, decides the fill)."""
+  if config.preprocessing.module:
+    return []
+  return [f.name for f in config.features
+          if f.is_numeric and f.default is None]
+
+
+def required_features(config, train_missing):
+  """Raw features a client must send: numeric, never missing in the
+  training split, and no `default` to fill them with.
+
+  Filling such a feature with 0 at serving time would feed the model a
+  value it never saw for it. `train_missing` is preprocess.json's
+  {feature: missing values in the train split}; None (a run from before
+  the counts were kept) requires nothing.
+  """
+  if not isinstance(train_missing, dict):
+    return []
+  return sorted(name for name in unfilled_numeric(config)
+                if train_missing.get(name) == 0)
+
+
 def raw_schema(config):
   from tensorflow_transform.tf_metadata import schema_utils  # pylint: disable=g-import-not-at-top
   return schema_utils.schema_from_feature_spec(raw_feature_spec(config))
