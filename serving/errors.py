@@ -69,5 +69,22 @@ def _op_error_message(text):
            if line.strip() and not line[0].isspace()
            and not line.startswith(('Graph execution error',
                                     'Detected at node'))]
-  lines = [line.split(' [[', 1)[0].split(' [Op:', 1)[0] for line in lines]
+  lines = [_assertion(line.split(' [[', 1)[0].split(' [Op:', 1)[0])
+           for line in lines]
   return ' '.join(line for line in lines if line) or text.strip()
+
+
+def _assertion(line):
+  """A tf.debugging assertion's message as written: TF prints it as
+  `assertion failed: [text] [more data]...`, with quotes escaped."""
+  start = line.find(_ASSERTION)
+  if start < 0:
+    return line
+  inner = line[start + len(_ASSERTION):]
+  end = inner.find('] [')
+  inner = inner[:end] if end >= 0 else inner[:-1] if inner.endswith(']') \
+      else inner
+  return inner.replace("\\'", "'").replace('\\"', '"')
+
+
+_ASSERTION = 'assertion failed: ['

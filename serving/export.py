@@ -18,6 +18,12 @@ parser, not feeding it keeps the tf.Example path.
 Missing values on the raw-feature signature: a string equal to '' or to one of
 `data.missing`, or a NaN number. They reach the transform as absent values,
 exactly as a missing CSV field does in preprocessing.
+
+Required features (`required_features`, written to the export metadata):
+numeric features that were never missing in the training split and have no
+`default`. Filling them with 0 would feed the model a value it never saw, so
+the graph itself rejects an example that lacks one (InvalidArgumentError
+naming the feature), on every signature and in any server.
 """
 
 import gc
@@ -64,6 +70,21 @@ def raw_feature_kinds(config):
           for name, spec in sorted(serving_feature_spec(config).items())}
 
 
+def required_features(config):
+  """Raw features every example must have (see the module docstring); none
+  for a run whose preprocess.json predates the missing-value counts."""
+  from preprocessing import schema  # pylint: disable=g-import-not-at-top
+  path = config.rundir.preprocess_summary
+  summary = runrecord.read_json(path) if fs.exists(path) else {}
+  return schema.required_features(config, summary.get('train_missing'))
+
+
+def required_message(name):
+  """The error an example without required feature `name` gets."""
+  return (f'raw feature {name!r} is required: it was never missing in '
+          'training and has no default, so a missing value cannot be filled')
+
+
 def raw_input_dtype(spec_dtype):
   """The dtype of a raw-feature signature input for a raw column dtype.
 
@@ -95,20 +116,28 @@ def _is_present(values, missing_tokens):
   return tf.logical_not(tf.math.is_nan(values))
 
 
-def _sparsify(name, values, spec_dtype, missing_tokens):
+def _sparsify(name, values, spec_dtype, missing_tokens, required=False):
   """Dense raw input [batch] -> the VarLen SparseTensor preprocessing saw.
 
   Strings are stripped and missing tokens dropped as the raw row parser
-  (preprocessing.rows) does, so serving sees what training saw.
+  (preprocessing.rows) does, so serving sees what training saw. A
+  `required` feature's missing value is an InvalidArgumentError naming it.
   """
   if values.dtype == tf.string:
     values = tf.strings.strip(values)
   present = _is_present(values, missing_tokens)
+  if required:
+    check = tf.debugging.Assert(tf.reduce_all(present),
+                                [tf.constant(required_message(name))],
+                                name=f'require_{_signature_safe(name)}')
+    with tf.control_dependencies([check]):
+      present = tf.identity(present)
   kept = tf.boolean_mask(values, present)
   if spec_dtype.is_integer:
     whole = tf.debugging.assert_equal(
         tf.math.floor(kept), kept,
-        message=f'raw feature {name!r} is an integer column; got a fraction')
+        message=f'raw feature {name!r} is an integer feature and takes whole '
+        'numbers, got a fraction')
     with tf.control_dependencies([whole]):
       kept = tf.cast(kept, spec_dtype)
   elif kept.dtype != spec_dtype:
@@ -134,6 +163,7 @@ def serving_input_receiver_fn(config):
   import tensorflow_transform as tft  # pylint: disable=g-import-not-at-top
   spec = serving_feature_spec(config)
   missing_tokens = list(config.data.missing)
+  required = set(required_features(config))
   transform_dir = config.rundir.transform
   label = config.label.name
 
@@ -157,7 +187,8 @@ def serving_input_receiver_fn(config):
       raw = tf.compat.v1.placeholder_with_default(
           dense, [None], name=f'raw_{_signature_safe(name)}')
       raw_inputs[name] = raw
-      raw_features[name] = _sparsify(name, raw, dtype, missing_tokens)
+      raw_features[name] = _sparsify(name, raw, dtype, missing_tokens,
+                                     required=name in required)
     # A fresh TFTransformOutput per graph: its cached Keras layer holds
     # resources of the graph it was first called in.
     tft_output = tft.TFTransformOutput(transform_dir)
@@ -250,6 +281,7 @@ def export_saved_model(config, estimator, checkpoint_path=None,
         'global_step': _global_step(checkpoint_path),
         'metrics': _plain_metrics(metrics),
         'raw_features': raw_feature_kinds(config),
+        'required_features': required_features(config),
         'time': runrecord.now(),
     })
     version, target = _publish_version(written, config.rundir.export)
