@@ -180,12 +180,15 @@ def check_shape(arr, name, spec_shape):
 
 def check_input_names(signature, names):
   """Raises a clear error unless `names` are exactly the signature's inputs
-  (both wire formats name inputs; each checks before converting values)."""
+  (both wire formats name inputs; each checks before converting values).
+  Inputs with a fill value (`signature.fill_values`) may be left out."""
   expected = set(signature.inputs)
   got = set(names)
   if got != expected:
-    missing = sorted(expected - got)
+    missing = sorted(expected - got - set(signature.fill_values))
     extra = sorted(got - expected)
+    if not missing and not extra:
+      return
     parts = []
     if missing:
       parts.append(f'missing {missing}')
@@ -193,6 +196,65 @@ def check_input_names(signature, names):
       parts.append(f'unexpected {extra}')
     raise invalid(f'inputs do not match signature {signature.key!r} (inputs '
                   f'{sorted(expected)}): {"; ".join(parts)}')
+
+
+def fill_nulls(value, fill):
+  """A JSON value with every null (at any depth) replaced by `fill`."""
+  if value is None:
+    return fill
+  if isinstance(value, list):
+    return [fill_nulls(item, fill) for item in value]
+  return value
+
+
+def json_fill(signature, name):
+  """The JSON value that stands for a missing value of input `name`, or
+  None if the input takes no missing values."""
+  fill = signature.fill_values.get(name)
+  if isinstance(fill, bytes):
+    return fill.decode('utf-8')
+  return fill
+
+
+def fill_absent(signature, inputs):
+  """`inputs` with each input the request left out filled with its missing
+  value (`signature.fill_values`), one per row of the inputs it sent."""
+  absent = [name for name in signature.fill_values if name not in inputs]
+  if not absent:
+    return inputs
+  rows = {arr.shape[0] for arr in inputs.values() if arr.ndim}
+  if len(rows) != 1:
+    return inputs  # nothing sent, or rows disagree: the checks say so
+  (count,) = rows
+  filled = dict(inputs)
+  for name in absent:
+    fill = signature.fill_values[name]
+    dtype = object if isinstance(fill, bytes) else np.dtype(
+        signature.inputs[name][0].as_numpy_dtype)
+    arr = np.empty(count, dtype=dtype)
+    arr[:] = fill
+    filled[name] = arr
+  return filled
+
+
+def coerce_serialized(signature, inputs):
+  """Serialized tf.Examples retyped by `signature.example_kinds`, as
+  :classify's are (coerce_example), for predict on an Example signature."""
+  ((name, batch),) = inputs.items() if len(inputs) == 1 else ((None, None),)
+  if name is None or batch.ndim != 1 or batch.dtype.kind not in 'OS':
+    return inputs
+  out = None
+  for i, serialized in enumerate(batch):
+    try:
+      example = example_pb2.Example.FromString(serialized)
+    except Exception:  # pylint: disable=broad-except
+      continue  # not an Example: the model's parser says so
+    if coerce_example(example, signature.example_kinds, f'{name}[{i}]'):
+      if out is None:
+        out = np.empty(len(batch), dtype=object)
+        out[:] = list(batch)
+      out[i] = example.SerializeToString()
+  return inputs if out is None else {name: out}
 
 
 def label_text(label):
@@ -287,8 +349,9 @@ def json_to_example(features, where, kinds=None):
   Features in `kinds` (see example_kinds) get the value list the export's
   parser expects: JSON has one number type, so an integer sent for a float
   feature is a float, and a whole number for an integer feature an integer;
-  a value of the wrong kind is an error naming the feature. Other features
-  are typed from their values, as TF Serving does.
+  a value of the wrong kind is an error naming the feature, and null is a
+  missing value (the feature is left out). Other features are typed from
+  their values, as TF Serving does.
   """
   if not isinstance(features, dict):
     raise invalid(f'{where} must be a JSON object of features, got '
@@ -297,6 +360,8 @@ def json_to_example(features, where, kinds=None):
   example = example_pb2.Example()
   feature_map = example.features.feature
   for key, value in features.items():
+    if value is None and key in kinds:
+      continue  # null: a missing value, as an absent feature
     values = value if isinstance(value, list) else [value]
     if key in kinds:
       _fill_kind(feature_map[key], values, kinds[key], key, f'{where}.{key}')
@@ -310,9 +375,10 @@ def coerce_example(example, kinds, where):
 
   For gRPC clients, whose Examples arrive typed: an int64_list for a float
   feature becomes a float_list and so on; text for a number (or the reverse)
-  is an error naming the feature.
+  is an error naming the feature. Returns whether anything was retyped.
   """
   feature_map = example.features.feature
+  changed = False
   for name, kind in kinds.items():
     if name not in feature_map:
       continue
@@ -325,6 +391,8 @@ def coerce_example(example, kinds, where):
       raise _wrong_kind(name, kind, values[0], where)
     feature.Clear()
     _fill_kind(feature, values, kind, name, where)
+    changed = True
+  return changed
 
 
 def _fill_kind(feature, values, kind, name, where):

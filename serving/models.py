@@ -55,6 +55,12 @@ class Signature:
                {axis: size for axis, size in enumerate(shape or ())
                 if size is not None and size >= 0})
         for name, (dtype, shape) in self.inputs.items()}
+    # Set for estpipe exports (ServableVersion): {input: the value that
+    # means missing} of a raw-feature signature, whose inputs a request may
+    # leave out or send as null; {raw feature: kind} of a signature taking
+    # serialized tf.Examples, which are retyped as :classify's are.
+    self.fill_values = {}
+    self.example_kinds = None
     self.batcher = None  # set by the server when batching is on
     self._flat_order = _flat_call_order(function, self.inputs)
 
@@ -127,6 +133,9 @@ class ServableVersion:
     for key, function in self._loaded.signatures.items():
       signature_def = self.meta_graph.signature_def[key]
       self.signatures[key] = Signature(key, signature_def, function)
+    if self.raw_features is not None:
+      for signature in self.signatures.values():
+        _declare_raw_features(signature, self.raw_features)
 
   @property
   def signature_defs(self):
@@ -142,6 +151,19 @@ class ServableVersion:
           f'Serving signature key "{key}" not found. Available: '
           f'{", ".join(sorted(self.signatures))}')
     return signature
+
+
+def _declare_raw_features(signature, kinds):
+  """What an estpipe export's signature accepts beyond its dtypes."""
+  if signatures.is_raw(signature.key):
+    # The raw-feature receiver reads NaN and '' as missing
+    # (serving/export.py), so those fill what a request leaves out.
+    signature.fill_values = {
+        name: (b'' if dtype == tf.string else float('nan'))
+        for name, (dtype, _) in signature.inputs.items()}
+  elif (len(signature.inputs) == 1 and
+        next(iter(signature.inputs.values()))[0] == tf.string):
+    signature.example_kinds = kinds
 
 
 def _raw_feature_kinds(path):

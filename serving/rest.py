@@ -309,7 +309,18 @@ def _is_named(value):
 def _rows_to_arrays(instances, signature):
   if not isinstance(instances, list) or not instances:
     raise invalid("'instances' must be a non-empty list")
-  if _is_named(instances[0]):
+  if _is_named(instances[0]) and signature.fill_values:
+    # Inputs with a missing value may be left out of any instance.
+    names = set()
+    for i, instance in enumerate(instances):
+      if not _is_named(instance):
+        raise invalid(f'instances[{i}] is {_describe(instance)}; every '
+                      'instance must be an object naming inputs')
+      names.update(instance)
+    codec.check_input_names(signature, names)
+    columns = {name: [instance.get(name) for instance in instances]
+               for name in signature.inputs}
+  elif _is_named(instances[0]):
     names = set(instances[0])
     for i, instance in enumerate(instances):
       if not _is_named(instance) or set(instance) != names:
@@ -330,6 +341,9 @@ def _rows_to_arrays(instances, signature):
 
 def _columns_to_arrays(inputs, signature):
   if _is_named(inputs):
+    if signature.fill_values:  # a null column: missing in every row
+      inputs = {name: value for name, value in inputs.items()
+                if value is not None or name not in signature.fill_values}
     codec.check_input_names(signature, set(inputs))
     columns = inputs
   elif len(signature.inputs) == 1:
@@ -341,11 +355,22 @@ def _columns_to_arrays(inputs, signature):
   return _convert(columns, signature)
 
 
+def _describe(value):
+  return type(value).__name__ if not isinstance(value, (int, float, str)) \
+      else repr(value)
+
+
 def _keys(value):
   return sorted(value) if isinstance(value, dict) else type(value).__name__
 
 
 def _convert(columns, signature):
+  """JSON columns as arrays; on a signature with missing values (an estpipe
+  export's raw features), null stands for missing and an input left out of
+  the columnar format is missing in every row (codec.fill_absent)."""
+  if signature.fill_values:
+    columns = {name: codec.fill_nulls(value, codec.json_fill(signature, name))
+               for name, value in columns.items()}
   return {name: codec.json_to_array(value, name, signature.inputs[name][0])
           for name, value in columns.items()}
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline import signatures
 from serving.batching import Batcher, BatchingOptions
+from serving import codec
 from serving.codec import check_input_names, check_shape, dtype_name
 from serving.errors import invalid
 from serving.versions import ConfigFilePoller, ModelConfig, ModelManager
@@ -181,6 +182,10 @@ class ModelServer:
 
   def predict_call(self, signature, inputs, output_filter=None):
     """The validated Call of `predict`."""
+    if signature.fill_values:
+      inputs = codec.fill_absent(signature, inputs)
+    if signature.example_kinds:
+      inputs = codec.coerce_serialized(signature, inputs)
     check_input_names(signature, inputs)
     checks = signature.input_checks
     for name, value in inputs.items():
