@@ -73,10 +73,15 @@ class RowParser:
   Picklable (it holds only plain config data), so Beam workers can use it.
   """
 
-  def __init__(self, config, with_label=True):
+  def __init__(self, config, with_label=True, required=()):
     self.config = config
     self.with_label = with_label
     self.columns = [Column(f.name, f.type) for f in config.features]
+    # Positions of the features a row must have (an export's required
+    # features, for batch prediction and the skew check): a row without
+    # one is a reject, as the export would refuse it.
+    self.required = [i for i, c in enumerate(self.columns)
+                     if c.name in set(required)]
     label = config.label
     self.label_name = label.name
     self.label_task = label.task
@@ -114,6 +119,14 @@ class RowParser:
       expected = 'an integer' if column.kind == 'integer' else 'a number'
       raise Reject(f'field {column.name!r}: expected {expected}, got '
                    f'{text!r}', column.name)
+
+  def _check_required(self, values):
+    for i in self.required:
+      if values[i] is None:
+        name = self.columns[i].name
+        raise Reject(f'field {name!r} is missing, and the model requires it '
+                     '(it was never missing in training and has no default)',
+                     name)
 
   def _label(self, text, lookup):
     """The label of a row; `lookup(name)` gives any other raw field."""
@@ -166,6 +179,7 @@ class RowParser:
     if len(fields) != len(index):
       raise Reject(f'expected {len(index)} columns, got {len(fields)}')
     values = [self._value(c, fields[index[c.name]]) for c in self.columns]
+    self._check_required(values)
     if self.with_label:
       def lookup(name):
         text = fields[index[name]].strip()
@@ -225,6 +239,7 @@ class RowParser:
     for c in self.columns:
       text = raw(c.name)
       values.append(None if text is None else self._value(c, text))
+    self._check_required(values)
     if self.with_label:
       values.append(self._label(None if self.expression else
                                 raw(self.label_name), raw))

@@ -217,6 +217,12 @@ def read_metadata(path):
   return runrecord.read_json(meta_path)
 
 
+def exported_required_features(path):
+  """The required raw features an export's metadata names (none for an
+  export from before they were recorded)."""
+  return tuple(read_metadata(path).get('required_features') or ())
+
+
 def _next_version(export_dir):
   """Seconds since the epoch, as Estimators do, but always above the newest.
 

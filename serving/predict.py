@@ -68,13 +68,14 @@ def predict_signature(export_path):
 class _ParseRaw(beam.DoFn):
   """One raw file -> (key, serialized tf.Example) per good row; rejects."""
 
-  def __init__(self, config, data_format):
+  def __init__(self, config, data_format, required=()):
     self._config = config
     self._format = data_format
+    self._required = tuple(required)  # the export's required features
     self._parser = None
 
   def setup(self):
-    self._parser = raw_examples.row_parser(self._config)
+    self._parser = raw_examples.row_parser(self._config, self._required)
     self._read = Metrics.counter(_NAMESPACE, 'read')
     self._rejected = Metrics.counter(_NAMESPACE, 'rejected')
 
@@ -151,6 +152,13 @@ def _identity(element):
   return element
 
 
+def _required_features(export_path):
+  # Rows without a feature the export requires are rejects (with the
+  # reason) rather than a failed inference batch.
+  from serving import export  # pylint: disable=g-import-not-at-top
+  return export.exported_required_features(export_path)
+
+
 def inference_spec(export_path, signature):
   from tfx_bsl.public.proto import model_spec_pb2  # pylint: disable=g-import-not-at-top
   return model_spec_pb2.InferenceSpecType(
@@ -167,7 +175,8 @@ def build(pipeline, config, export_path, files, data_format, output_format,
     raise ValueError('CSV output needs fixed-size outputs; use jsonl')
   parsed = (pipeline
             | 'ListFiles' >> beam.Create(files)
-            | 'ParseRaw' >> beam.ParDo(_ParseRaw(config, data_format))
+            | 'ParseRaw' >> beam.ParDo(_ParseRaw(
+                config, data_format, _required_features(export_path)))
             .with_outputs('rejects', main='examples'))
   header = (','.join(csv_columns(widths)) if output_format == 'csv'
             else None)

@@ -12,9 +12,11 @@ from pipeline import fs
 from preprocessing import rows as rows_lib
 
 
-def row_parser(config):
-  """A parser for raw serving rows: the features, no label needed."""
-  return rows_lib.RowParser(config, with_label=False)
+def row_parser(config, required=()):
+  """A parser for raw serving rows: the features, no label needed; a row
+  without one of the `required` features (an export's, see
+  serving.export.required_features) is a reject."""
+  return rows_lib.RowParser(config, with_label=False, required=required)
 
 
 def to_example(parser, values):

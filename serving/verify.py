@@ -212,7 +212,9 @@ def verify_export(config, model_predictions, path=None, max_rows=None,
   """
   path = path or rundir.version_dir(config.rundir.export)
   checkpoint = checkpoint_of(config, path)
-  parser = raw_examples.row_parser(config)
+  # Rows without a feature the export requires are skipped as rejects.
+  parser = raw_examples.row_parser(
+      config, export.exported_required_features(path))
   rows, rejected = read_eval_rows(config, parser, max_rows)
   log.info('verifying %s on %d raw eval rows (%d rejected rows skipped)',
            path, len(rows), rejected)
