@@ -6,7 +6,10 @@ TensorProto conversions use the typed value fields, as TF Serving does.
 tf.Example building follows TF Serving's Classify/Regress JSON rules, except
 for features whose kind an estpipe export declares (see `example_kinds`).
 The checks and label text both front ends need live here too
-(`check_input_names`, `label_text`), so REST and gRPC answer alike.
+(`check_input_names`, `label_text`), so REST and gRPC answer alike, as do
+the missing values of an estpipe export's raw-feature signature (`fill_nulls`,
+`fill_absent`) and the retyping of Examples sent to `:predict`
+(`coerce_serialized`).
 """
 
 import base64
@@ -240,8 +243,10 @@ def fill_absent(signature, inputs):
 def coerce_serialized(signature, inputs):
   """Serialized tf.Examples retyped by `signature.example_kinds`, as
   :classify's are (coerce_example), for predict on an Example signature."""
-  ((name, batch),) = inputs.items() if len(inputs) == 1 else ((None, None),)
-  if name is None or batch.ndim != 1 or batch.dtype.kind not in 'OS':
+  if len(inputs) != 1:
+    return inputs  # the input check says what is wrong
+  ((name, batch),) = inputs.items()
+  if batch.ndim != 1 or batch.dtype.kind not in 'OS':
     return inputs
   out = None
   for i, serialized in enumerate(batch):
