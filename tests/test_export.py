@@ -124,8 +124,12 @@ def test_raw_and_example_signatures_agree(census_export, census_loaded):
   config, _ = census_export
   parser, rows = serving_helpers.census_eval_rows(config, limit=200)
   values = [v for _, v in rows]
-  # A row with every feature missing: the transform fills the defaults.
-  values.append([None] * len(parser.columns))
+  # A row with every feature missing but the required ones (numbers never
+  # missing in training, without a default): the transform fills the rest.
+  required = export.exported_required_features(census_export[1])
+  assert 'age' in required and 'workclass' not in required
+  values.append([v if c.name in required else None
+                 for c, v in zip(parser.columns, values[0])])
   assert any(None in v for v in values[:-1]), 'Census eval has "?" values'
   loaded = census_loaded
   by_example = loaded.signatures['predict'](examples=tf.constant(
@@ -149,6 +153,10 @@ def test_raw_and_example_signatures_agree(census_export, census_loaded):
       **raw_examples.raw_tensors(parser, [question, empty]))[
           'probabilities'].numpy()
   np.testing.assert_allclose(out[0], out[1], atol=1e-7)
+  # Without a required feature, every signature refuses the row.
+  empty_row = raw_examples.to_example(parser, [None] * len(parser.columns))
+  with pytest.raises(tf.errors.InvalidArgumentError, match='is required'):
+    loaded.signatures['predict'](examples=tf.constant([empty_row]))
 
 
 def _synthetic_examples(config, limit=200):
