@@ -36,7 +36,8 @@ except ImportError:  # pragma: no cover
 from serving import codec
 from serving import status
 from serving.errors import ServingError, invalid, not_found
-from serving.http_server import HttpServer, LoopHandoff
+from serving.http_server import HttpServer, Limits, LoopHandoff
+from serving.http_server import default_max_connections
 
 log = logging.getLogger('estpipe')
 
@@ -73,8 +74,20 @@ def answer(core, method, target, body=None):
 
 
 def _http_server(core):
-  return HttpServer(RestApi(core), core.options.max_body_bytes,
-                    limit_name='--max_request_bytes', thread_name='rest-api')
+  opts = core.options
+  limits = Limits(
+      header_timeout=opts.header_timeout_seconds,
+      body_timeout=opts.body_timeout_seconds,
+      idle_timeout=opts.idle_timeout_seconds,
+      max_connections=(default_max_connections()
+                       if opts.max_connections is None
+                       else opts.max_connections),
+      names={name: f'--{name}_seconds' for name in (
+          'header_timeout', 'body_timeout', 'idle_timeout')} | {
+              'max_connections': '--max_connections'})
+  return HttpServer(RestApi(core), opts.max_body_bytes,
+                    limit_name='--max_request_bytes', thread_name='rest-api',
+                    limits=limits)
 
 
 class _FrontEnd:
@@ -90,7 +103,9 @@ class _FrontEnd:
     self.server.shutdown()
 
   def close(self, grace):
-    del grace  # connections close after their pending writes
+    # Requests whose head arrived before shutdown are in flight: their
+    # bodies are read and they are answered, within the grace period.
+    self.server.finish(grace)
     self.server.server_close()
 
 
