@@ -27,12 +27,14 @@ import asyncio
 import concurrent.futures
 import http.server
 import logging
+import re
 import socket
 import threading
 
 log = logging.getLogger('estpipe')
 
 _MAX_LINE = 65536
+_HTTP_VERSION = re.compile(r'HTTP/[0-9]\.[0-9]\Z')
 _MAX_HEADERS = 100
 # Bodies over the limit up to this size are read and dropped after a 413.
 _DRAIN_LIMIT = 64 << 20
@@ -365,6 +367,8 @@ def _check_request_line(line):
   if len(parts) != 3 or len(line) > _MAX_LINE:
     raise HttpError(400, 'malformed HTTP request line')
   if parts[2] not in ('HTTP/1.1', 'HTTP/1.0'):
+    if _HTTP_VERSION.match(parts[2]) is None:  # not a version at all
+      raise HttpError(400, 'malformed HTTP request line')
     raise HttpError(505, f'unsupported protocol {parts[2]}')
   return parts
 
