@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-direct-tensorflow-import
 
 from pipeline import signatures
 from serving import codec
@@ -159,7 +160,8 @@ def _load_session(path):
   graph = tf.Graph()
   session = tf.compat.v1.Session(graph=graph, config=config)
   with graph.as_default():
-    tf.compat.v1.saved_model.load(session, [signatures.SERVE_TAG], path)
+    # tf.compat.v1.saved_model.load without its deprecation warning.
+    loader_impl.SavedModelLoader(path).load(session, [signatures.SERVE_TAG])
   graph.finalize()  # nothing is added per call
   return session
 
