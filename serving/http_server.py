@@ -44,6 +44,12 @@ _READ_BYTES = 64 << 10
 _HEAD_BYTES = 16 << 10
 # Reading from a connection pauses while this much waits behind a request.
 _PAUSE_BYTES = 1 << 20
+# Connections over the limit are answered 503 and kept open this long (at
+# most this many at once) to read what the client sends, so that closing
+# doesn't reset the connection before the client reads the answer; past
+# that many they are closed at once.
+_REFUSED_LINGER_SECONDS = 0.25
+_MAX_LINGERING = 32
 # Headers that may appear once: a second Content-Length is refused rather
 # than one of them believed.
 _SINGLE_HEADERS = frozenset(('content-length', 'transfer-encoding', 'host'))
@@ -85,8 +91,8 @@ class Limits:
 
 def default_max_connections():
   """A connection limit under the process's file limit, leaving room for
-  model files, gRPC and logs: a quarter (at least 64) of it, and at most
-  4096 connections."""
+  refused connections on their way out, model files, gRPC and logs: a
+  quarter (at least 128) of it; at most 4096 connections."""
   try:
     import resource  # pylint: disable=g-import-not-at-top
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -94,7 +100,7 @@ def default_max_connections():
     return 1024
   if soft == resource.RLIM_INFINITY or soft <= 0:
     return 4096
-  return max(8, min(4096, soft - max(64, soft // 4)))
+  return max(8, min(4096, soft - max(128, soft // 4)))
 
 
 class HttpServer:
@@ -118,6 +124,7 @@ class HttpServer:
     # Requests whose head has arrived and that are not answered yet: shutdown
     # answers them before closing their connections.
     self.in_flight = 0
+    self.lingering = 0  # refused connections not yet closed
     self.loop = None
     self.server_address = None
     self.connections = set()
@@ -439,6 +446,7 @@ class _Connection(asyncio.BufferedProtocol):
     self.eof = False  # the client sends no more
     self.pending = False  # a request's head arrived, its answer not sent
     self.refused = False  # over the connection limit
+    self.lingering = False  # refused, and counted in server.lingering
     # Clocks (loop time) for the timeouts, see check_clock.
     self.fresh = True  # no request has been answered yet
     self.idle_since = self.head_started = self.last_read = 0.0
@@ -472,16 +480,24 @@ class _Connection(asyncio.BufferedProtocol):
         'Connection: close\r\n\r\n'.encode('latin-1') + payload)
     # Half-close, then read and drop what the client sends until it closes
     # (closing with its request unread would reset the connection, and the
-    # client might lose the answer); a second at most.
-    if self.transport.can_write_eof():
+    # client might lose the answer), briefly and for a few at a time: each
+    # holds a file.
+    server = self.server
+    if (server.lingering < _MAX_LINGERING and
+        self.transport.can_write_eof()):
+      server.lingering += 1
+      self.lingering = True
       self.transport.write_eof()
-      self.server.loop.call_later(1.0, self.transport.close)
+      server.loop.call_later(_REFUSED_LINGER_SECONDS, self.transport.close)
     else:
       self.transport.close()
 
   def connection_lost(self, exc):
     self.closed = True
     if self.refused:
+      if self.lingering:
+        self.lingering = False
+        self.server.lingering -= 1
       return
     self.server.connections.discard(self)
     if self.pending and not self.busy:
