@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-direct-tensorflow-import
+# pylint: disable-next=g-direct-tensorflow-import
+from tensorflow.python.saved_model import loader_impl
 
 from pipeline import signatures
 from serving import codec
