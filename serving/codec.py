@@ -448,6 +448,10 @@ def _fill_feature(feature, values, where):
   if all(isinstance(v, (str, dict)) for v in values):
     feature.bytes_list.value.extend(decode_string(v, where) for v in values)
   elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    for v in values:
+      if not _INT64.min <= v <= _INT64.max:
+        raise invalid(f'{where}: {_describe(v)} is out of range for an '
+                      'int64 feature')
     feature.int64_list.value.extend(values)
   elif all(isinstance(v, (int, float)) and not isinstance(v, bool)
            for v in values):

@@ -79,6 +79,20 @@ def _add_serve(subparsers):
                       'picks)')
   parser.add_argument('--grpc_max_threads', type=int, default=32,
                       help='gRPC worker threads (default 32)')
+  # REST connection limits (not TF Serving flags).
+  parser.add_argument('--header_timeout_seconds', type=float, default=10,
+                      help='REST: seconds for a request head to arrive, '
+                      'else 408 (default 10; 0: no limit)')
+  parser.add_argument('--body_timeout_seconds', type=float, default=30,
+                      help='REST: most seconds between reads of a request '
+                      'body, else 408 (default 30; 0: no limit)')
+  parser.add_argument('--idle_timeout_seconds', type=float, default=30,
+                      help='REST: seconds before an idle keep-alive '
+                      'connection is closed (default 30; 0: never)')
+  parser.add_argument('--max_connections', type=int, default=None,
+                      help='REST: most open connections; more are answered '
+                      '503 (default: from the open-file limit, at most '
+                      '4096; 0: no limit)')
   parser.set_defaults(func=_serve)
 
 
@@ -106,6 +120,10 @@ def serve_options(args):
     raise UserError('--max_request_bytes must be positive')
   if args.grpc_max_threads < 1:
     raise UserError('--grpc_max_threads must be positive')
+  for name in ('header_timeout_seconds', 'body_timeout_seconds',
+               'idle_timeout_seconds', 'max_connections'):
+    if (getattr(args, name) or 0) < 0:
+      raise UserError(f'--{name} must be >= 0 (0: no limit)')
   return server.ServerOptions(
       models=models, grpc_port=args.port,
       rest_port=args.rest_api_port or None, host=args.host,
@@ -115,7 +133,11 @@ def serve_options(args):
       model_config_poll_seconds=args.model_config_file_poll_wait_seconds,
       batching=_batching_options(args, batching),
       max_body_bytes=args.max_request_bytes,
-      grpc_max_workers=args.grpc_max_threads)
+      grpc_max_workers=args.grpc_max_threads,
+      header_timeout_seconds=args.header_timeout_seconds,
+      body_timeout_seconds=args.body_timeout_seconds,
+      idle_timeout_seconds=args.idle_timeout_seconds,
+      max_connections=args.max_connections)
 
 
 def _model_configs(args, versions):

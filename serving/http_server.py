@@ -27,12 +27,14 @@ import asyncio
 import concurrent.futures
 import http.server
 import logging
+import re
 import socket
 import threading
 
 log = logging.getLogger('estpipe')
 
 _MAX_LINE = 65536
+_HTTP_VERSION = re.compile(r'HTTP/[0-9]\.[0-9]\Z')
 _MAX_HEADERS = 100
 # Bodies over the limit up to this size are read and dropped after a 413.
 _DRAIN_LIMIT = 64 << 20
@@ -42,24 +44,87 @@ _READ_BYTES = 64 << 10
 _HEAD_BYTES = 16 << 10
 # Reading from a connection pauses while this much waits behind a request.
 _PAUSE_BYTES = 1 << 20
+# Connections over the limit are answered 503 and kept open this long (at
+# most this many at once) to read what the client sends, so that closing
+# doesn't reset the connection before the client reads the answer; past
+# that many they are closed at once.
+_REFUSED_LINGER_SECONDS = 0.25
+_MAX_LINGERING = 32
+# Headers that may appear once: a second Content-Length is refused rather
+# than one of them believed.
+_SINGLE_HEADERS = frozenset(('content-length', 'transfer-encoding', 'host'))
 _REASONS = {status: text for status, (text, _) in
             http.server.BaseHTTPRequestHandler.responses.items()}
+
+
+class Limits:
+  """How long a connection may keep the server waiting, and how many there
+  may be; a None or 0 setting is no limit. `names` maps each to the setting
+  the operator changes it with, quoted in answers and logs."""
+
+  def __init__(self, header_timeout=None, body_timeout=None,
+               idle_timeout=None, max_connections=None, names=None):
+    # A request head must arrive within header_timeout seconds of its first
+    # byte (or of the connection, for the first): else 408 and close.
+    self.header_timeout = header_timeout or None
+    # A body must progress: at most body_timeout seconds between reads.
+    self.body_timeout = body_timeout or None
+    # A keep-alive connection with no request in it is closed after this.
+    self.idle_timeout = idle_timeout or None
+    # Connections over this many are answered 503 and closed.
+    self.max_connections = max_connections or None
+    self.names = names or {}
+
+  def named(self, setting):
+    name = self.names.get(setting)
+    return f' ({name})' if name else ''
+
+  def check_interval(self):
+    """Seconds between the checks of every connection's clock; None if no
+    timeout is set."""
+    timeouts = [t for t in (self.header_timeout, self.body_timeout,
+                            self.idle_timeout) if t]
+    if not timeouts:
+      return None
+    return min(1.0, max(0.02, min(timeouts) / 4))
+
+
+def default_max_connections():
+  """A connection limit under the process's file limit, leaving room for
+  refused connections on their way out, model files, gRPC and logs: a
+  quarter (at least 128) of it; at most 4096 connections."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+  except (ImportError, OSError, ValueError):
+    return 1024
+  if soft == resource.RLIM_INFINITY or soft <= 0:
+    return 4096
+  return max(8, min(4096, soft - max(128, soft // 4)))
 
 
 class HttpServer:
   """The event loop thread, its listening socket and its connections.
 
   `max_body_bytes` bounds request bodies (a larger one is answered 413);
-  `limit_name` names the setting in that answer, for the operator.
+  `limit_name` names the setting in that answer, for the operator. `limits`
+  (Limits) bound how long a client may hold a connection without sending
+  and how many connections there may be.
   """
 
   def __init__(self, app, max_body_bytes, limit_name=None,
-               content_type='application/json', thread_name='http'):
+               content_type='application/json', thread_name='http',
+               limits=None):
     self.app = app
     self.max_body_bytes = max_body_bytes
     self.limit_name = limit_name
     self.content_type = content_type
     self.thread_name = thread_name
+    self.limits = limits or Limits()
+    # Requests whose head has arrived and that are not answered yet: shutdown
+    # answers them before closing their connections.
+    self.in_flight = 0
+    self.lingering = 0  # refused connections not yet closed
     self.loop = None
     self.server_address = None
     self.connections = set()
@@ -88,10 +153,20 @@ class HttpServer:
       loop.close()
       return
     started.set_result(self._listener.sockets[0].getsockname()[:2])
+    interval = self.limits.check_interval()
+    if interval is not None:
+      loop.call_later(interval, self._check_clocks, interval)
     try:
       loop.run_forever()
     finally:
       loop.close()
+
+  def _check_clocks(self, interval):
+    """Times out connections that kept the server waiting too long."""
+    now = self.loop.time()
+    for connection in list(self.connections):
+      connection.check_clock(now)
+    self.loop.call_later(interval, self._check_clocks, interval)
 
   def _in_loop(self, fn, timeout=None):
     """Runs `fn` on the loop thread and waits for it."""
@@ -106,10 +181,38 @@ class HttpServer:
     return done.result(timeout)
 
   def shutdown(self):
-    """Stops taking connections; open ones are answered until closed."""
+    """Stops taking connections and closes the idle ones; requests whose
+    head has arrived are still read and answered (see finish)."""
     self.draining = True
     if self._thread.is_alive():
-      self._in_loop(self._listener.close)
+      self._in_loop(self._stop_listening)
+
+  def _stop_listening(self):
+    self._listener.close()
+    for connection in list(self.connections):
+      connection.close_if_idle()
+
+  def finish(self, timeout):
+    """Waits up to `timeout` seconds for the requests in flight (head
+    arrived, not yet answered: a body still uploading included) to be
+    answered; True if they were."""
+    if not self._thread.is_alive():
+      return True
+    done = concurrent.futures.Future()
+
+    def check():
+      if not self.in_flight:
+        done.set_result(True)
+      elif not done.done():
+        self.loop.call_later(0.01, check)
+    self.loop.call_soon_threadsafe(check)
+    try:
+      return done.result(timeout)
+    except concurrent.futures.TimeoutError:
+      log.warning('HTTP: %d requests still unanswered after %ss',
+                  self.in_flight, timeout)
+      done.cancel()
+      return False
 
   def server_close(self, timeout=10):
     """Closes every connection (after its pending writes), then the loop."""
@@ -271,6 +374,8 @@ def _check_request_line(line):
   if len(parts) != 3 or len(line) > _MAX_LINE:
     raise HttpError(400, 'malformed HTTP request line')
   if parts[2] not in ('HTTP/1.1', 'HTTP/1.0'):
+    if _HTTP_VERSION.match(parts[2]) is None:  # not a version at all
+      raise HttpError(400, 'malformed HTTP request line')
     raise HttpError(505, f'unsupported protocol {parts[2]}')
   return parts
 
@@ -283,9 +388,15 @@ def _head(lines, responder):
   headers = {}
   for line in lines[1:]:
     name, colon, value = line.partition(':')
-    if not colon or len(line) > _MAX_LINE:
+    # No space in a name ("Content-Length :"), no folded lines (RFC 9112):
+    # proxies read those differently, which is how requests get smuggled.
+    if (not colon or len(line) > _MAX_LINE or not name or
+        name != name.strip() or ' ' in name or '\t' in name):
       raise HttpError(400, 'malformed HTTP header line')
-    headers[name.strip().lower()] = value.strip()
+    name = name.lower()
+    if name in _SINGLE_HEADERS and name in headers:
+      raise HttpError(400, f'more than one {name} header')
+    headers[name] = value.strip()
   if method not in ('GET', 'POST'):
     raise HttpError(405, f'method {method} is not supported; use GET or POST')
   return Request(method, target, version, headers, responder)
@@ -303,13 +414,12 @@ def _content_length(headers):
   text = headers.get('content-length')
   if text is None:
     return None
-  try:
-    length = int(text)
-  except ValueError:
-    raise HttpError(400, f'bad Content-Length {text!r}') from None
-  if length < 0:
+  # ASCII digits only: int() also takes '+10', '1_0', ' 10' and '١٠'.
+  if not (text.isascii() and text.isdigit()):
     raise HttpError(400, f'bad Content-Length {text!r}')
-  return length
+  if len(text) > 18:  # beyond any limit; int() stops at 4,300 digits
+    raise HttpError(413, f'Content-Length {text[:40]}... is too large')
+  return int(text)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -334,19 +444,101 @@ class _Connection(asyncio.BufferedProtocol):
     self.closed = False
     self.paused = False
     self.eof = False  # the client sends no more
+    self.pending = False  # a request's head arrived, its answer not sent
+    self.refused = False  # over the connection limit
+    self.lingering = False  # refused, and counted in server.lingering
+    # Clocks (loop time) for the timeouts, see check_clock.
+    self.fresh = True  # no request has been answered yet
+    self.idle_since = self.head_started = self.last_read = 0.0
 
   # asyncio.Protocol
 
   def connection_made(self, transport):
     self.transport = transport
+    server = self.server
+    limit = server.limits.max_connections
+    if limit and len(server.connections) >= limit:
+      self._refuse(limit)
+      return
     sock = transport.get_extra_info('socket')
     if sock is not None:
       sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    self.server.connections.add(self)
+    server.connections.add(self)
+    self.idle_since = self.head_started = self.last_read = (
+        server.loop.time())
+
+  def _refuse(self, limit):
+    """Answers 503 at once and closes, without reading a request: the
+    client gets an answer, not a stall."""
+    self.refused = self.closed = True
+    payload = self.app.error(503, f'the server has {limit} open connections, '
+                             'its limit' + self.server.limits.named(
+                                 'max_connections') + '; try again later')
+    self.transport.write(
+        f'HTTP/1.1 503 {_REASONS[503]}\r\nContent-Type: '
+        f'{self.server.content_type}\r\nContent-Length: {len(payload)}\r\n'
+        'Connection: close\r\n\r\n'.encode('latin-1') + payload)
+    # Half-close, then read and drop what the client sends until it closes
+    # (closing with its request unread would reset the connection, and the
+    # client might lose the answer), briefly and for a few at a time: each
+    # holds a file.
+    server = self.server
+    if (server.lingering < _MAX_LINGERING and
+        self.transport.can_write_eof()):
+      server.lingering += 1
+      self.lingering = True
+      self.transport.write_eof()
+      server.loop.call_later(_REFUSED_LINGER_SECONDS, self.transport.close)
+    else:
+      self.transport.close()
 
   def connection_lost(self, exc):
     self.closed = True
+    if self.refused:
+      if self.lingering:
+        self.lingering = False
+        self.server.lingering -= 1
+      return
     self.server.connections.discard(self)
+    if self.pending and not self.busy:
+      # Its answer can't be sent; one in the making still comes to _send.
+      self.pending = False
+      self.server.in_flight -= 1
+
+  def check_clock(self, now):
+    """Closes the connection if it kept the server waiting too long: for a
+    request head (408), between reads of a body (408), or idle."""
+    if self.closed or self.busy:
+      return
+    limits = self.server.limits
+    if self.request is not None or self.skip:
+      timeout, since, setting = (limits.body_timeout, self.last_read,
+                                 'body_timeout')
+    elif self.buffer or self.fresh:
+      timeout, since, setting = (limits.header_timeout, self.head_started,
+                                 'header_timeout')
+    else:
+      if self.server.draining:
+        self.close()
+        return
+      timeout, since, setting = (limits.idle_timeout, self.idle_since,
+                                 'idle_timeout')
+    if timeout is None or now - since < timeout:
+      return
+    if setting == 'idle_timeout' or (setting == 'header_timeout' and
+                                     not self.buffer) or self.skip:
+      self.close()  # nothing to answer
+      return
+    what = 'request body' if self.request is not None else 'request head'
+    message = (f'{what} not received in time: the limit is {timeout:g} s'
+               + (' between reads' if self.request is not None else '')
+               + limits.named(setting))
+    self._send(self.request, 408, self.app.error(408, message), close=True)
+
+  def close_if_idle(self):
+    """Closes the connection if no request is in it (on shutdown)."""
+    if not (self.busy or self.pending or self.buffer or self.skip):
+      self.close()
 
   def get_buffer(self, sizehint):
     return self.reads
@@ -355,6 +547,11 @@ class _Connection(asyncio.BufferedProtocol):
     self.data_received(self.reads[:nbytes])
 
   def data_received(self, data):
+    if self.refused:
+      return
+    now = self.last_read = self.server.loop.time()
+    if not self.buffer and self.request is None and not self.skip:
+      self.head_started = now
     if self.skip:
       if len(data) <= self.skip:
         self.skip -= len(data)
@@ -375,6 +572,8 @@ class _Connection(asyncio.BufferedProtocol):
     self._process()
 
   def eof_received(self):
+    if self.refused:
+      return False  # close
     # Half-closed by the client: answer what it sent, then close.
     self.eof = True
     if not self.busy:
@@ -402,6 +601,8 @@ class _Connection(asyncio.BufferedProtocol):
           return
         if self.request is None:
           break  # an incomplete head: wait for more
+        self.pending = True
+        self.server.in_flight += 1
         if self.request.headers.get('expect', '').lower() == '100-continue':
           self.transport.write(b'HTTP/1.1 100 Continue\r\n\r\n')
       if not self._handle(self.request):
@@ -504,6 +705,11 @@ class _Connection(asyncio.BufferedProtocol):
   def _send(self, request, status, payload, close=None, close_header=None):
     """Writes one response; closes the connection if it must."""
     self.request = None
+    if request is not None and self.pending:
+      self.pending = False
+      self.server.in_flight -= 1
+    self.fresh = False
+    self.idle_since = self.head_started = self.server.loop.time()
     if close is None:
       close = request.close or self.server.draining
     if close_header is None:

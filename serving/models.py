@@ -5,7 +5,6 @@ export works: canned Estimator exports (one serialized tf.Example input) and
 per-feature signatures (one tensor per raw feature) alike.
 """
 
-import inspect
 import os
 
 import grpc
@@ -13,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
+# pylint: disable-next=g-direct-tensorflow-import
+from tensorflow.python.saved_model import loader_impl
 
 from pipeline import signatures
 from serving import codec
@@ -27,20 +28,24 @@ def is_complete_export(path):
 
 
 class Signature:
-  """One signature of a loaded version: specs, method and the function."""
+  """One signature of a loaded version: specs, method and how to call it.
 
-  def __init__(self, key, signature_def, function):
+  Calls run the version's TF1 Session (as TensorFlow Serving runs
+  SavedModels), numpy in and numpy out. Not eager functions: with
+  TensorFlow 2.15 on Python 3.11 every EagerTensor leaks a small block when
+  it is freed (tensorflow/tensorflow#62551), so a call's input and output
+  tensors cost about 0.4 KB that is never returned, and the server's memory
+  grew in a straight line with its request count.
+  """
+
+  def __init__(self, key, signature_def, session):
     self.key = key
     self.method_name = signature_def.method_name
-    self.function = function
-    _, kwargs = function.structured_input_signature
     # name -> (tf.DType, shape list with None for unknown dims)
-    self.inputs = {name: (spec.dtype, spec.shape.as_list()
-                          if spec.shape.rank is not None else None)
-                   for name, spec in kwargs.items()}
-    self.outputs = {name: (t.dtype, t.shape.as_list()
-                           if t.shape.rank is not None else None)
-                    for name, t in function.structured_outputs.items()}
+    self.inputs = {name: _spec(info)
+                   for name, info in signature_def.inputs.items()}
+    self.outputs = {name: _spec(info)
+                    for name, info in signature_def.outputs.items()}
     # Merging requests along dim 0 is only valid when every input and
     # output is batched (unknown leading dimension).
     self.batchable = bool(self.inputs) and all(
@@ -62,7 +67,14 @@ class Signature:
     self.fill_values = {}
     self.example_kinds = None
     self.batcher = None  # set by the server when batching is on
-    self._flat_order = _flat_call_order(function, self.inputs)
+    self._feeds = sorted(self.inputs)
+    self._fetches = sorted(self.outputs)
+    # A callable session run: no graph lookups or feed checks per call.
+    self._run = session.make_callable(
+        [_tensor_name(signature_def.outputs[n], key, n)
+         for n in self._fetches],
+        [_tensor_name(signature_def.inputs[n], key, n)
+         for n in self._feeds])
 
   def run(self, inputs):
     """Calls the signature on numpy inputs; returns numpy outputs."""
@@ -79,42 +91,34 @@ class Signature:
     return False
 
   def call(self, inputs):
+    if len(inputs) != len(self._feeds) or not all(
+        name in inputs for name in self._feeds):
+      raise invalid(f'signature {self.key!r} takes inputs {self._feeds}, got '
+                    f'{sorted(inputs)}')
     try:
-      outputs = self._invoke(inputs)
+      values = self._run(*[inputs[name] for name in self._feeds])
     except tf.errors.OpError as e:
       raise from_tf_error(e) from None
     except (TypeError, ValueError) as e:
       raise invalid(f'signature {self.key!r} rejected the inputs: '
                     f'{str(e).splitlines()[0]}') from None
-    return {name: value.numpy() for name, value in outputs.items()}
-
-  def _invoke(self, inputs):
-    # Functions loaded from TF1 SavedModels only take tensors. Calling the
-    # flat function skips argument binding, a third of the cost of a
-    # one-row call; the public call is the fallback.
-    order = self._flat_order
-    if order is not None:
-      return self.function._call_flat(  # pylint: disable=protected-access
-          [tf.constant(inputs[name]) for name in order],
-          self.function.captured_inputs)
-    return self.function(**{name: tf.constant(value)
-                            for name, value in inputs.items()})
+    # A session answers numpy scalars for 0-d outputs; arrays throughout.
+    return {name: np.asarray(value)
+            for name, value in zip(self._fetches, values)}
 
 
-def _flat_call_order(function, inputs):
-  """Input names in flat-call order, or None to use the public call."""
-  order = getattr(function, '_arg_keywords', None)
-  flat = getattr(function, '_call_flat', None)
-  if order is None or flat is None or sorted(order) != sorted(inputs):
-    return None
-  try:
-    params = list(inspect.signature(flat).parameters)
-  except (TypeError, ValueError):
-    return None
-  # The private call as of TF 2.15; any other shape falls back.
-  if params != ['tensor_inputs', 'captured_inputs']:
-    return None
-  return list(order)
+def _spec(info):
+  """(tf.DType, shape list or None) of a SignatureDef's TensorInfo."""
+  shape = info.tensor_shape
+  return (tf.as_dtype(info.dtype), None if shape.unknown_rank else
+          [d.size if d.size >= 0 else None for d in shape.dim])
+
+
+def _tensor_name(info, key, name):
+  if not info.name:  # a sparse or composite tensor
+    raise ValueError(f'signature {key!r}: {name!r} is not a dense tensor, '
+                     'which the server does not support')
+  return info.name
 
 
 class ServableVersion:
@@ -128,11 +132,11 @@ class ServableVersion:
     # {raw feature: kind} for building tf.Examples; None: not an estpipe
     # export (or an older one), so Examples are typed from the values alone.
     self.raw_features = _raw_feature_kinds(path)
-    self._loaded = tf.saved_model.load(path, tags=[signatures.SERVE_TAG])
-    self.signatures = {}
-    for key, function in self._loaded.signatures.items():
-      signature_def = self.meta_graph.signature_def[key]
-      self.signatures[key] = Signature(key, signature_def, function)
+    self._session = _load_session(path)
+    self.signatures = {
+        key: Signature(key, signature_def, self._session)
+        for key, signature_def in self.meta_graph.signature_def.items()
+        if not key.startswith('__')}  # e.g. __saved_model_init_op
     if self.raw_features is not None:
       for signature in self.signatures.values():
         _declare_raw_features(signature, self.raw_features)
@@ -164,6 +168,25 @@ def _declare_raw_features(signature, kinds):
   elif (len(signature.inputs) == 1 and
         next(iter(signature.inputs.values()))[0] == tf.string):
     signature.example_kinds = kinds
+
+
+def _load_session(path):
+  """A Session holding the 'serve' MetaGraph of `path`, variables restored
+  and tables initialized: what TensorFlow Serving runs."""
+  threading = tf.config.threading
+  config = tf.compat.v1.ConfigProto(
+      allow_soft_placement=True,
+      intra_op_parallelism_threads=(
+          threading.get_intra_op_parallelism_threads()),
+      inter_op_parallelism_threads=(
+          threading.get_inter_op_parallelism_threads()))
+  graph = tf.Graph()
+  session = tf.compat.v1.Session(graph=graph, config=config)
+  with graph.as_default():
+    # tf.compat.v1.saved_model.load without its deprecation warning.
+    loader_impl.SavedModelLoader(path).load(session, [signatures.SERVE_TAG])
+  graph.finalize()  # nothing is added per call
+  return session
 
 
 def _raw_feature_kinds(path):

@@ -36,7 +36,8 @@ except ImportError:  # pragma: no cover
 from serving import codec
 from serving import status
 from serving.errors import ServingError, invalid, not_found
-from serving.http_server import HttpServer, LoopHandoff
+from serving.http_server import HttpServer, Limits, LoopHandoff
+from serving.http_server import default_max_connections
 
 log = logging.getLogger('estpipe')
 
@@ -45,6 +46,7 @@ _PATH = re.compile(
     r'(?:/versions/(?P<version>[^/:]*)|/labels/(?P<label>[^/:]*))?'
     r'(?:(?P<metadata>/metadata)|:(?P<verb>[^/:]*))?$')
 _VERBS = ('predict', 'classify', 'regress')
+_INT64_MAX = (1 << 63) - 1
 # Larger bodies are parsed and answered on a model thread, off the loop.
 _INLINE_BODY_BYTES = 64 << 10
 
@@ -72,8 +74,20 @@ def answer(core, method, target, body=None):
 
 
 def _http_server(core):
-  return HttpServer(RestApi(core), core.options.max_body_bytes,
-                    limit_name='--max_request_bytes', thread_name='rest-api')
+  opts = core.options
+  limits = Limits(
+      header_timeout=opts.header_timeout_seconds,
+      body_timeout=opts.body_timeout_seconds,
+      idle_timeout=opts.idle_timeout_seconds,
+      max_connections=(default_max_connections()
+                       if opts.max_connections is None
+                       else opts.max_connections),
+      names={name: f'--{name}_seconds' for name in (
+          'header_timeout', 'body_timeout', 'idle_timeout')} | {
+              'max_connections': '--max_connections'})
+  return HttpServer(RestApi(core), opts.max_body_bytes,
+                    limit_name='--max_request_bytes', thread_name='rest-api',
+                    limits=limits)
 
 
 class _FrontEnd:
@@ -89,7 +103,9 @@ class _FrontEnd:
     self.server.shutdown()
 
   def close(self, grace):
-    del grace  # connections close after their pending writes
+    # Requests whose head arrived before shutdown are in flight: their
+    # bodies are read and they are answered, within the grace period.
+    self.server.finish(grace)
     self.server.server_close()
 
 
@@ -249,22 +265,67 @@ def _get(core, route):
 
 def _start_verb(core, route, data):
   """(Call, answer) of a verb request: answer(result) is the JSON body."""
-  try:
-    body = json.loads(data)
-  except (UnicodeDecodeError, ValueError) as e:
-    raise invalid(f'request body is not valid JSON: {e}') from None
+  body = _parse_json(data)
   if not isinstance(body, dict):
     raise invalid('request body must be a JSON object, got '
                   f'{type(body).__name__}')
   servable = core.resolve(route.name, route.version, route.label)
-  return _VERB_HANDLERS[route.verb](core, servable, body)
+  try:
+    return _VERB_HANDLERS[route.verb](core, servable, body)
+  except RecursionError:
+    raise invalid(_TOO_DEEP) from None
+
+
+_TOO_DEEP = 'request body is nested too deeply'
+# A \u escape of a UTF-16 surrogate, which json.loads decodes unpaired too.
+_SURROGATE_ESCAPE = re.compile(rb'\\u[dD][89abcdefABCDEF]')
+
+
+def _parse_json(data):
+  """The JSON value of a request body; a ServingError unless the body is
+  valid JSON of valid Unicode text."""
+  try:
+    body = json.loads(data)
+  except RecursionError:
+    raise invalid(f'{_TOO_DEEP} to parse as JSON') from None
+  except (UnicodeDecodeError, ValueError) as e:
+    raise invalid(f'request body is not valid JSON: {e}') from None
+  # JSON text may escape a lone surrogate ("\ud800"), which is no Unicode
+  # character: TF Serving refuses it, as does UTF-8. Paired ones are fine.
+  if _SURROGATE_ESCAPE.search(data) is not None:
+    _check_surrogates(body)
+  return body
+
+
+def _check_surrogates(value):
+  """Raises a ServingError if a string (or object key) in `value` holds an
+  unpaired UTF-16 surrogate. Iterative: any nesting depth."""
+  stack = [value]
+  while stack:
+    value = stack.pop()
+    if isinstance(value, dict):
+      stack.extend(value)
+      stack.extend(value.values())
+    elif isinstance(value, list):
+      stack.extend(value)
+    elif isinstance(value, str):
+      try:
+        value.encode('utf-8')
+      except UnicodeEncodeError as e:
+        raise invalid(
+            'request body holds a string with an unpaired UTF-16 surrogate '
+            f'({value[e.start:e.end]!r} at character {e.start}), which is '
+            'not valid Unicode text') from None
 
 
 def _version(text):
   if text is None:
     return None
-  if not text.isdigit():
+  # ASCII digits only: str.isdigit() takes '²' and '١', which int() refuses.
+  if not (text.isascii() and text.isdigit()):
     raise invalid(f'model version must be a positive integer, got {text!r}')
+  if len(text.lstrip('0')) > 19 or int(text) > _INT64_MAX:
+    raise invalid(f'model version {text} is out of range (int64)')
   return int(text)
 
 

@@ -61,6 +61,14 @@ class ServerOptions:
   # default pool size.
   model_threads: int = min(32, (os.cpu_count() or 1) + 4)
   shutdown_grace_seconds: float = 30.0
+  # REST connections (serving/http_server.py's Limits; 0 or None: none):
+  # seconds for a request head to arrive, between reads of a body, and
+  # before an idle keep-alive connection is closed; the most connections
+  # open at once (None: serving/http_server.default_max_connections()).
+  header_timeout_seconds: float = 10.0
+  body_timeout_seconds: float = 30.0
+  idle_timeout_seconds: float = 30.0
+  max_connections: Optional[int] = None
 
 
 class ModelServer:
