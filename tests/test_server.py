@@ -30,6 +30,8 @@ from google.protobuf import text_format
 tf = pytest.importorskip('tensorflow')
 
 # pylint: disable=g-import-not-at-top,redefined-outer-name
+from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
@@ -561,6 +563,55 @@ def test_grpc_errors_carry_status_codes(stubs):
   with pytest.raises(grpc.RpcError) as error:
     model.GetModelStatus(status, timeout=30)
   assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+
+def _tensor(dtype, shape, **values):
+  """A TensorProto as a client may send it, without TF's checks."""
+  proto = tensor_pb2.TensorProto(dtype=dtype)
+  for size in shape:
+    proto.tensor_shape.dim.add(size=size)
+  for field, value in values.items():
+    if field == 'tensor_content':
+      proto.tensor_content = value
+    else:
+      getattr(proto, field).extend(value)
+  return proto
+
+
+@pytest.mark.parametrize('tensor,message', [
+    (_tensor(types_pb2.DT_FLOAT, [2**40], float_val=[1.0]), 'above the limit'),
+    (_tensor(types_pb2.DT_FLOAT, [1] * 40, float_val=[1.0]), 'rank 40'),
+    (_tensor(types_pb2.DT_FLOAT, [2**62, 2**62], float_val=[1.0]),
+     'above the limit'),
+    (_tensor(types_pb2.DT_FLOAT, [3, -1], float_val=[1.0]),
+     'negative dimension'),
+    (_tensor(types_pb2.DT_RESOURCE, [1]), 'dtype DT_RESOURCE'),
+    (_tensor(types_pb2.DT_VARIANT, [1]), 'dtype DT_VARIANT'),
+    (_tensor(types_pb2.DT_FLOAT_REF, [1], float_val=[1.0]),
+     'dtype DT_FLOAT_REF'),
+    (_tensor(999, [1]), 'unknown dtype (999)'),
+    (_tensor(types_pb2.DT_FLOAT, [3], float_val=[1.0, 2.0]), '2 values'),
+    (_tensor(types_pb2.DT_FLOAT, [2], tensor_content=b'abc'),
+     'tensor_content holds 3 bytes'),
+    (_tensor(types_pb2.DT_HALF, [2**40], half_val=[0]), 'above the limit'),
+])
+def test_grpc_rejects_absurd_tensors_before_allocating(stubs, tensor,
+                                                        message):
+  """Shapes, ranks and dtypes a client declares are checked against the
+  limits and the values sent before anything is allocated."""
+  prediction, _ = stubs
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = 'cls'
+  request.model_spec.signature_name = 'raw:predict'
+  request.inputs['x'].CopyFrom(tensor)
+  request.inputs['c'].CopyFrom(tf.make_tensor_proto(['a']))
+  with pytest.raises(grpc.RpcError) as error:
+    prediction.Predict(request, timeout=30)
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+      error.value.details())
+  assert message in error.value.details()
+  assert "input 'x'" in error.value.details()
 
 
 # Batching
