@@ -60,6 +60,10 @@ class ServerOptions:
   # default pool size.
   model_threads: int = min(32, (os.cpu_count() or 1) + 4)
   shutdown_grace_seconds: float = 30.0
+  # A version that failed to load is retried after this many seconds,
+  # doubling up to the second figure (and at once when its files change).
+  load_retry_seconds: float = 1.0
+  load_retry_max_seconds: float = 300.0
 
 
 class ModelServer:
@@ -69,8 +73,11 @@ class ModelServer:
   def __init__(self, options, front_ends=()):
     self.options = options
     self.batcher = Batcher(options.batching) if options.batching else None
-    self.manager = ModelManager(options.models, options.poll_wait_seconds,
-                                on_load=self._attach_batcher)
+    self.manager = ModelManager(
+        options.models, options.poll_wait_seconds,
+        on_load=self._attach_batcher,
+        load_retry_seconds=options.load_retry_seconds,
+        load_retry_max_seconds=options.load_retry_max_seconds)
     self._inflight = 0
     self._inflight_lock = threading.Lock()
     self._idle = threading.Condition(self._inflight_lock)

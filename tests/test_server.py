@@ -45,7 +45,8 @@ from tensorflow_serving.apis import regression_pb2
 from serving import grpc_service, rest
 from serving.batching import BatchingOptions, parse_batching_parameters
 from serving.server import ModelServer, ServerOptions
-from serving.versions import ModelConfig, parse_model_config_text
+from serving.versions import ModelConfig, ModelManager
+from serving.versions import parse_model_config_text
 from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -891,6 +892,92 @@ def test_broken_version_is_skipped_and_reported(exports, tmp_path):
                         {'examples': [{'x': 1.0}]}), 404, 'Specific(cls, 2)')
   finally:
     srv.stop(grace=5)
+
+
+
+def test_slowly_copied_version_is_retried_and_old_one_kept(exports, tmp_path,
+                                                            caplog):
+  """Version 2 copied in slowly: saved_model.pb first, its variables later.
+  Its failed load is retried (nothing touched once the copy is complete),
+  and version 1 serves until version 2 loads, even once its folder is
+  deleted (availability first, as TF Serving's AvailabilityPreservingPolicy).
+  With no version left on disk the model is unloaded."""
+  caplog.set_level(logging.INFO, logger='estpipe')
+  base = tmp_path / 'cls'
+  base.mkdir()
+  _publish(exports['classifier'], str(base), 1)
+  options = ServerOptions(models=[ModelConfig('cls', str(base))],
+                          grpc_port=0, rest_port=None, poll_wait_seconds=0.1,
+                          load_retry_seconds=0.2, load_retry_max_seconds=1)
+  srv = ModelServer(options, (grpc_service.start,)).start()
+  channel = grpc.insecure_channel(f'127.0.0.1:{srv.grpc_port}')
+  stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name = 'cls'
+  request.input.example_list.examples.add().CopyFrom(_example(0.2, 'a'))
+
+  def served():
+    return stub.Classify(request, timeout=30).model_spec.version.value
+
+  try:
+    slow = base / '2'
+    (slow / 'variables').mkdir(parents=True)
+    shutil.copy2(os.path.join(exports['classifier'], 'saved_model.pb'), slow)
+    _wait_for(lambda: dict(srv.statuses('cls')).get(2) and
+              dict(srv.statuses('cls'))[2].error)
+    assert served() == 1
+    shutil.rmtree(base / '1')  # the old version goes while 2 is broken
+    time.sleep(1)  # polls and retries
+    assert srv.statuses('cls', 2)[0][1].state != 'AVAILABLE'
+    assert served() == 1
+    # The copy completes, with the source's times (as cp -p, rsync -t).
+    source = os.path.join(exports['classifier'], 'variables')
+    for name in os.listdir(source):
+      shutil.copy2(os.path.join(source, name), slow / 'variables')
+    _wait_for(lambda: served() == 2, timeout=30)
+    assert srv.statuses('cls', 1)[0][1].state == 'END'
+    shutil.rmtree(slow)  # nothing left on disk: nothing served
+    _wait_for(lambda: not srv.manager.config('cls') or
+              not srv.manager._model('cls').servables, timeout=30)  # pylint: disable=protected-access
+    with pytest.raises(grpc.RpcError) as error:
+      served()
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+  finally:
+    channel.close()
+    srv.stop(grace=5)
+  failures = [r.getMessage() for r in caplog.records
+              if 'version 2 failed to load (attempt' in r.getMessage()]
+  assert failures and 'retrying in' in failures[0], failures
+
+
+def test_failed_load_is_retried_with_backoff(model_root, caplog):
+  """A load that fails with nothing changing on disk is retried after a
+  backoff that doubles, each failure logged with its error."""
+  caplog.set_level(logging.INFO, logger='estpipe')
+  attempts = []
+
+  def flaky(servable):
+    attempts.append(time.monotonic())
+    if len(attempts) < 3:
+      raise OSError(f'flaky storage #{len(attempts)}')
+
+  manager = ModelManager([ModelConfig('cls', str(model_root / 'cls'))],
+                         poll_wait_seconds=0, on_load=flaky,
+                         load_retry_seconds=0.3, load_retry_max_seconds=10)
+  manager.start()
+  assert len(attempts) == 1 and not manager._model('cls').servables  # pylint: disable=protected-access
+  manager.poll()
+  assert len(attempts) == 1  # backing off
+  _wait_for(lambda: manager.poll() or len(attempts) == 2)
+  _wait_for(lambda: manager.poll() or len(attempts) == 3)
+  assert manager.resolve('cls').version == 1
+  assert attempts[1] - attempts[0] >= 0.3
+  assert attempts[2] - attempts[1] >= 0.6  # doubled
+  errors = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.ERROR]
+  assert len(errors) == 2
+  assert 'attempt 1' in errors[0] and 'flaky storage #1' in errors[0]
+  assert 'attempt 2' in errors[1] and 'retrying in 0.6s' in errors[1]
 
 
 def _wait_for(condition, timeout=60):
