@@ -42,6 +42,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import fs
 from pipeline import rundir
+from serving import warmup
 from serving.errors import invalid, not_found
 from serving.models import ServableVersion, is_complete_export
 
@@ -288,6 +289,8 @@ class ModelManager:
       log.info('loading %s version %d from %s', name, version, path)
     try:
       servable = ServableVersion(name, version, path)
+      # TF Serving's warmup, before the version is made available.
+      servable.warmup_requests = warmup.replay(servable)
       self._on_load(servable)
     except Exception as e:  # pylint: disable=broad-except
       lines = str(e).splitlines()
