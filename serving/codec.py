@@ -93,6 +93,9 @@ def _json_to_strings(value, name):
   probe = value
   while isinstance(probe, list):
     shape.append(len(probe))
+    if len(shape) > MAX_RANK:  # numpy's limit too: a 400, not a 500
+      raise invalid(f'input {name!r} is nested deeper than {MAX_RANK} '
+                    f'lists; at most {MAX_RANK} dimensions are supported')
     if not probe:
       break
     probe = probe[0]

@@ -615,6 +615,24 @@ def test_grpc_rejects_absurd_tensors_before_allocating(stubs, tensor,
   assert "input 'x'" in error.value.details()
 
 
+
+def _nested(value, depth):
+  for _ in range(depth):
+    value = [value]
+  return value
+
+
+@pytest.mark.parametrize('inputs', [
+    {'x': [0.5], 'c': _nested('a', 40)},
+    {'x': _nested(0.5, 40), 'c': ['a']},
+])
+def test_rest_rejects_absurd_ranks(server, inputs):
+  """REST's equivalent of a rank-40 tensor is a 400, not a 500."""
+  response = _post(server, 'cls:predict',
+                   {'signature_name': 'raw:predict', 'inputs': inputs})
+  assert response.status_code == 400, response.text
+
+
 # Batching
 
 def test_batching_merges_concurrent_requests(model_root, local):
