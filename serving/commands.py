@@ -79,6 +79,14 @@ def _add_serve(subparsers):
                       'picks)')
   parser.add_argument('--grpc_max_threads', type=int, default=32,
                       help='gRPC worker threads (default 32)')
+  parser.add_argument('--enable_model_warmup', type=_bool, nargs='?',
+                      const=True, default=True, help='replay a version\'s '
+                      'assets.extra/tf_serving_warmup_requests before serving '
+                      'it (default true)')
+  parser.add_argument('--load_retry_interval_micros', type=int,
+                      default=1_000_000, help='first retry of a version that '
+                      'failed to load, doubling up to 5 minutes (and at once '
+                      'when its files change; default 1 s)')
   parser.set_defaults(func=_serve)
 
 
@@ -106,6 +114,8 @@ def serve_options(args):
     raise UserError('--max_request_bytes must be positive')
   if args.grpc_max_threads < 1:
     raise UserError('--grpc_max_threads must be positive')
+  if args.load_retry_interval_micros < 1:
+    raise UserError('--load_retry_interval_micros must be positive')
   return server.ServerOptions(
       models=models, grpc_port=args.port,
       rest_port=args.rest_api_port or None, host=args.host,
@@ -115,7 +125,9 @@ def serve_options(args):
       model_config_poll_seconds=args.model_config_file_poll_wait_seconds,
       batching=_batching_options(args, batching),
       max_body_bytes=args.max_request_bytes,
-      grpc_max_workers=args.grpc_max_threads)
+      grpc_max_workers=args.grpc_max_threads,
+      model_warmup=args.enable_model_warmup,
+      load_retry_seconds=args.load_retry_interval_micros / 1e6)
 
 
 def _model_configs(args, versions):

@@ -64,6 +64,9 @@ class ServerOptions:
   # doubling up to the second figure (and at once when its files change).
   load_retry_seconds: float = 1.0
   load_retry_max_seconds: float = 300.0
+  # Replay a version's assets.extra/tf_serving_warmup_requests before it
+  # serves (TF Serving's --enable_model_warmup).
+  model_warmup: bool = True
 
 
 class ModelServer:
@@ -77,7 +80,8 @@ class ModelServer:
         options.models, options.poll_wait_seconds,
         on_load=self._attach_batcher,
         load_retry_seconds=options.load_retry_seconds,
-        load_retry_max_seconds=options.load_retry_max_seconds)
+        load_retry_max_seconds=options.load_retry_max_seconds,
+        warmup=options.model_warmup)
     self._inflight = 0
     self._inflight_lock = threading.Lock()
     self._idle = threading.Condition(self._inflight_lock)

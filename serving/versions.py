@@ -146,8 +146,10 @@ class ModelManager:
   """Loads, swaps and unloads model versions; resolves requests to them."""
 
   def __init__(self, configs, poll_wait_seconds=1.0, on_load=None,
-               load_retry_seconds=1.0, load_retry_max_seconds=300.0):
+               load_retry_seconds=1.0, load_retry_max_seconds=300.0,
+               warmup=True):
     self._models = {c.name: _Model(c) for c in configs}
+    self._warmup = warmup
     self._poll_wait = poll_wait_seconds
     self._retry = (load_retry_seconds, load_retry_max_seconds)
     self._on_load = on_load or (lambda servable: None)
@@ -290,7 +292,8 @@ class ModelManager:
     try:
       servable = ServableVersion(name, version, path)
       # TF Serving's warmup, before the version is made available.
-      servable.warmup_requests = warmup.replay(servable)
+      servable.warmup_requests = (warmup.replay(servable) if self._warmup
+                                  else 0)
       self._on_load(servable)
     except Exception as e:  # pylint: disable=broad-except
       lines = str(e).splitlines()

@@ -1068,10 +1068,12 @@ def test_serve_flags_become_server_options(tmp_path):
   options = serve_options(_serve_args(
       f'--model_config_file={config}', '--port=9000', '--rest_api_port=0',
       '--enable_batching=true', '--host=0.0.0.0',
-      '--model_config_file_poll_wait_seconds=30'))
+      '--model_config_file_poll_wait_seconds=30',
+      '--enable_model_warmup=false', '--load_retry_interval_micros=250000'))
   (model,) = options.models
   assert (model.name, model.policy, model.labels) == ('a', 'all',
                                                       {'stable': 1})
+  assert not options.model_warmup and options.load_retry_seconds == 0.25
   assert options.grpc_port == 9000 and options.rest_port is None
   assert options.host == '0.0.0.0' and options.batching is not None
   assert (options.model_config_file, options.model_config_poll_seconds) == (
@@ -1081,6 +1083,7 @@ def test_serve_flags_become_server_options(tmp_path):
   assert options.models[0].name == 'm' and options.batching is None
   assert (options.grpc_port, options.rest_port, options.host) == (
       8500, 8501, '127.0.0.1')
+  assert options.model_warmup and options.load_retry_seconds == 1
   for flags, message in (
       ([], 'give --model_base_path'),
       ([f'--model_config_file={config}', f'--model_base_path={tmp_path}'],

@@ -82,6 +82,16 @@ def test_export_without_warmup_file_loads(exports, tmp_path):
   assert manager.resolve('cls').warmup_requests == 0
 
 
+def test_warmup_can_be_turned_off(exports, tmp_path):
+  """--enable_model_warmup=false: the file is not read at all."""
+  _with_warmup(exports['classifier'], tmp_path / 'cls' / '1')
+  (tmp_path / 'cls' / '1' / warmup.WARMUP_FILE).write_bytes(b'corrupt')
+  manager = ModelManager([ModelConfig('cls', str(tmp_path / 'cls'))],
+                         poll_wait_seconds=0, warmup=False)
+  manager.start()
+  assert manager.resolve('cls').warmup_requests == 0
+
+
 @pytest.mark.parametrize('damage', ['garbage', 'truncated', 'bad_request'])
 def test_corrupt_warmup_file_fails_the_load_like_tf_serving(
     exports, tmp_path, damage):
