@@ -1,11 +1,11 @@
 """Seeded random and mutated gRPC requests against the model server.
 
-A few thousand Predict, Classify, Regress, GetModelMetadata and
-GetModelStatus requests, built from random parts (every dtype number,
-DT_RESOURCE and DT_VARIANT included, absurd and negative shapes, rank 40,
-wrong value counts, tensor_content of the wrong length, unknown inputs,
-signatures, models, versions and labels, huge strings) or mutated from a
-valid request's bytes, must each get an answer: OK or a client error, never
+A few thousand Predict, Classify, Regress, MultiInference,
+GetModelMetadata and GetModelStatus requests, built from random parts (every
+dtype number, DT_RESOURCE and DT_VARIANT included, absurd and negative
+shapes, rank 40, wrong value counts, tensor_content of the wrong length,
+unknown inputs, signatures, methods, models, versions and labels, huge
+strings) or mutated from a valid request's bytes, must each get an answer: OK or a client error, never
 INTERNAL or UNKNOWN (a server bug). The server must still answer a valid
 request afterwards. The tiny models of serving/tiny_models.py keep it quick.
 """
@@ -25,6 +25,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import inference_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import regression_pb2
 
@@ -59,7 +60,12 @@ METHODS = {
         get_model_metadata_pb2.GetModelMetadataResponse),
     'GetModelStatus': ('/tensorflow.serving.ModelService/GetModelStatus',
                        get_model_status_pb2.GetModelStatusResponse),
+    'MultiInference': (
+        '/tensorflow.serving.PredictionService/MultiInference',
+        inference_pb2.MultiInferenceResponse),
 }
+TASK_METHODS = ('tensorflow/serving/classify', 'tensorflow/serving/regress',
+                'tensorflow/serving/predict', '')
 
 
 @pytest.fixture(scope='module')
@@ -210,6 +216,16 @@ def _metadata(rng):
   return request
 
 
+def _multi_inference(rng):
+  request = inference_pb2.MultiInferenceRequest()
+  for _ in range(rng.choice((0, 1, 2, 2, 3))):
+    task = request.tasks.add()
+    _spec(rng, task.model_spec)
+    task.method_name = rng.choice(TASK_METHODS)
+  _input(rng, request.input)
+  return request
+
+
 def _status(rng):
   request = get_model_status_pb2.GetModelStatusRequest()
   _spec(rng, request.model_spec)
@@ -245,7 +261,8 @@ def _requests(rng):
               ('Classify', _classify),
               ('Regress', lambda r: _classify(
                   r, regression_pb2.RegressionRequest)),
-              ('GetModelMetadata', _metadata), ('GetModelStatus', _status)]
+              ('GetModelMetadata', _metadata), ('GetModelStatus', _status),
+              ('MultiInference', _multi_inference)]
   for _ in range(REQUESTS):
     method, build = rng.choice(builders)
     request = build(rng)
