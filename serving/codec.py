@@ -96,6 +96,9 @@ def _json_to_strings(value, name):
   probe = value
   while isinstance(probe, list):
     shape.append(len(probe))
+    if len(shape) > MAX_RANK:  # numpy's limit too: a 400, not a 500
+      raise invalid(f'input {name!r} is nested deeper than {MAX_RANK} '
+                    f'lists; at most {MAX_RANK} dimensions are supported')
     if not probe:
       break
     probe = probe[0]
@@ -286,13 +289,29 @@ _PROTO_FIELDS = {
 }
 
 
+# Dtypes that tf.make_ndarray reads from their own value fields (half_val,
+# scomplex_val, dcomplex_val) or from tensor_content. Every other dtype
+# (DT_RESOURCE, DT_VARIANT, reference types, unknown numbers) is refused.
+_NDARRAY_DTYPES = (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16,
+                   types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128)
+# Limits on a client's TensorProto, checked before anything is allocated:
+# numpy 1.x's own rank limit, and the memory one input may take once filled
+# (TF's convention lets one value fill a whole shape, so a tiny request can
+# declare a huge tensor).
+MAX_RANK = 32
+MAX_TENSOR_BYTES = 1 << 28  # 256 MiB
+
+
 def proto_to_array(proto, name):
-  """A TensorProto from a client as a numpy array."""
-  if proto.dtype == types_pb2.DT_INVALID:
-    raise invalid(f'input {name!r} has no dtype')
-  shape = [d.size for d in proto.tensor_shape.dim]
+  """A TensorProto from a client as a numpy array.
+
+  The declared dtype, shape and value count are checked first (see
+  `check_tensor_proto`), so a bad tensor is an INVALID_ARGUMENT error and
+  never an attempt to allocate what it declares.
+  """
+  shape = check_tensor_proto(proto, name)
   field = _PROTO_FIELDS.get(proto.dtype)
-  if proto.tensor_content or field is None or any(s < 0 for s in shape):
+  if proto.tensor_content or field is None:
     try:
       return tf.make_ndarray(proto)
     except (TypeError, ValueError) as e:
@@ -303,13 +322,84 @@ def proto_to_array(proto, name):
     arr[:] = list(values)
   else:
     arr = np.array(values, dtype=field[1])
-  size = int(np.prod(shape, dtype=np.int64))
+  size = math.prod(shape)
   if arr.size == size:
     return arr.reshape(shape)
-  if arr.size == 1:  # TF's convention: one value fills the whole shape.
-    return np.full(shape, arr[0], dtype=arr.dtype)
-  raise invalid(f'input {name!r} has {arr.size} values for shape '
-                f'{shape_str(shape)} ({size} values)')
+  # check_tensor_proto allows only one value here: TF's convention, one
+  # value fills the whole shape.
+  return np.full(shape, arr[0], dtype=arr.dtype)
+
+
+def check_tensor_proto(proto, name):
+  """The shape a client's TensorProto declares, once it is known to fit.
+
+  Raises INVALID_ARGUMENT for a dtype the server takes no inputs of, an
+  unknown rank, a rank above MAX_RANK, a negative dimension, a tensor above
+  MAX_TENSOR_BYTES, or a value count that is neither the shape's size nor
+  one value to fill it with (tensor_content: exactly the size's bytes).
+  Nothing the proto declares is allocated here.
+  """
+  dtype = proto.dtype
+  if dtype == types_pb2.DT_INVALID:
+    raise invalid(f'input {name!r} has no dtype')
+  field = _PROTO_FIELDS.get(dtype)
+  if field is None and dtype not in _NDARRAY_DTYPES:
+    try:
+      dtype_text = f'dtype {types_pb2.DataType.Name(dtype)}'
+    except ValueError:
+      dtype_text = f'an unknown dtype ({dtype})'
+    raise invalid(f'input {name!r} has {dtype_text}, which a request '
+                  'cannot carry; send a numeric, boolean or string tensor')
+  tensor_shape = proto.tensor_shape
+  if tensor_shape.unknown_rank:
+    raise invalid(f'input {name!r} has an unknown rank; a request tensor '
+                  'needs a fully defined shape')
+  dims = tensor_shape.dim
+  if len(dims) > MAX_RANK:
+    raise invalid(f'input {name!r} has rank {len(dims)}; at most {MAX_RANK} '
+                  'dimensions are supported')
+  shape = [d.size for d in dims]
+  if any(s < 0 for s in shape):
+    raise invalid(f'input {name!r} has a negative dimension in shape '
+                  f'{_short_shape(shape)}: a request tensor '
+                  'needs every dimension known (0 or more)')
+  itemsize = 8 if field is not None and field[1] is object else (
+      np.dtype(tf.as_dtype(dtype).as_numpy_dtype).itemsize)
+  size = 1
+  for s in shape:  # Python integers: no overflow, stops once too large
+    size *= s
+    if size * itemsize > MAX_TENSOR_BYTES:
+      raise invalid(f'input {name!r} has shape {_short_shape(shape)}: above '
+                    f'the limit of {MAX_TENSOR_BYTES >> 20} MiB for one '
+                    'input tensor')
+  if proto.tensor_content and dtype != types_pb2.DT_STRING:
+    if len(proto.tensor_content) != size * itemsize:
+      raise invalid(f'input {name!r}: tensor_content holds '
+                    f'{len(proto.tensor_content)} bytes but shape '
+                    f'{shape_str(shape)} of {types_pb2.DataType.Name(dtype)} '
+                    f'takes {size * itemsize}')
+    return shape
+  count = _value_count(proto, field)
+  if count != size and not (count == 1 and size > 0):
+    raise invalid(f'input {name!r} has {count} values for shape '
+                  f'{shape_str(shape)} ({size} values)')
+  return shape
+
+
+def _value_count(proto, field):
+  """How many values a TensorProto's value field holds."""
+  if field is not None:
+    return len(getattr(proto, field[0]))
+  if proto.dtype in (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16):
+    return len(proto.half_val)
+  if proto.dtype == types_pb2.DT_COMPLEX64:
+    return len(proto.scomplex_val) // 2
+  return len(proto.dcomplex_val) // 2
+
+
+def _short_shape(shape):
+  text = '[' + ','.join(map(str, shape)) + ']'
+  return text if len(text) <= 60 else text[:57] + '...]'
 
 
 def array_to_proto(arr):

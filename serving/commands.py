@@ -93,6 +93,14 @@ def _add_serve(subparsers):
                       help='REST: most open connections; more are answered '
                       '503 (default: from the open-file limit, at most '
                       '4096; 0: no limit)')
+  parser.add_argument('--enable_model_warmup', type=_bool, nargs='?',
+                      const=True, default=True, help='replay a version\'s '
+                      'assets.extra/tf_serving_warmup_requests before serving '
+                      'it (default true)')
+  parser.add_argument('--load_retry_interval_micros', type=int,
+                      default=1_000_000, help='first retry of a version that '
+                      'failed to load, doubling up to 5 minutes (and at once '
+                      'when its files change; default 1 s)')
   parser.set_defaults(func=_serve)
 
 
@@ -124,6 +132,8 @@ def serve_options(args):
                'idle_timeout_seconds', 'max_connections'):
     if (getattr(args, name) or 0) < 0:
       raise UserError(f'--{name} must be >= 0 (0: no limit)')
+  if args.load_retry_interval_micros < 1:
+    raise UserError('--load_retry_interval_micros must be positive')
   return server.ServerOptions(
       models=models, grpc_port=args.port,
       rest_port=args.rest_api_port or None, host=args.host,
@@ -137,7 +147,9 @@ def serve_options(args):
       header_timeout_seconds=args.header_timeout_seconds,
       body_timeout_seconds=args.body_timeout_seconds,
       idle_timeout_seconds=args.idle_timeout_seconds,
-      max_connections=args.max_connections)
+      max_connections=args.max_connections,
+      model_warmup=args.enable_model_warmup,
+      load_retry_seconds=args.load_retry_interval_micros / 1e6)
 
 
 def _model_configs(args, versions):

@@ -290,9 +290,53 @@ def export_saved_model(config, estimator, checkpoint_path=None,
         'required_features': required_features(config),
         'time': runrecord.now(),
     })
+    write_warmup_requests(config, written)
     version, target = _publish_version(written, config.rundir.export)
   log.info('exported %s (%s) to %s', checkpoint_path, exporter, target)
   return target
+
+
+WARMUP_ROWS = 4
+
+
+def write_warmup_requests(config, export_path, rows=WARMUP_ROWS):
+  """Writes TF Serving's warmup file into an export: one request per
+  signature over the first `rows` good eval rows (serving/warmup.py), which
+  the model server (and tensorflow_model_server) replays before serving the
+  version. Without readable eval rows the export goes without one, with a
+  warning: warmup only saves the first requests' time. Returns the number
+  of requests written."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  from preprocessing import rows as rows_lib  # pylint: disable=g-import-not-at-top
+  from serving import raw_examples  # pylint: disable=g-import-not-at-top
+  from serving import warmup  # pylint: disable=g-import-not-at-top
+  try:
+    parser = raw_examples.row_parser(config)
+    good = []
+    for _, _, values in raw_examples.eval_rows(config, parser):
+      if not isinstance(values, rows_lib.Reject):
+        good.append(values)
+        if len(good) >= rows:
+          break
+    if not good:
+      raise ValueError('no good eval rows')
+  except Exception as e:  # pylint: disable=broad-except
+    log.warning('export %s has no warmup requests: cannot read eval rows '
+                '(%s); its first requests will be slower', export_path, e)
+    return 0
+  examples = [tf.train.Example.FromString(raw_examples.to_example(parser, v))
+              for v in good]
+  instances = [raw_examples.to_raw_instance(parser, v) for v in good]
+  saved_model = saved_model_pb2.SavedModel()
+  with tf.io.gfile.GFile(os.path.join(export_path, 'saved_model.pb'),
+                         'rb') as f:
+    saved_model.ParseFromString(f.read())
+  (meta_graph,) = [m for m in saved_model.meta_graphs
+                   if signatures.SERVE_TAG in m.meta_info_def.tags]
+  logs = warmup.requests_for_signatures(meta_graph.signature_def, examples,
+                                        instances)
+  warmup.write(os.path.join(export_path, warmup.WARMUP_FILE), logs)
+  return len(logs)
 
 
 def _plain_metrics(metrics):

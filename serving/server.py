@@ -69,6 +69,13 @@ class ServerOptions:
   body_timeout_seconds: float = 30.0
   idle_timeout_seconds: float = 30.0
   max_connections: Optional[int] = None
+  # A version that failed to load is retried after this many seconds,
+  # doubling up to the second figure (and at once when its files change).
+  load_retry_seconds: float = 1.0
+  load_retry_max_seconds: float = 300.0
+  # Replay a version's assets.extra/tf_serving_warmup_requests before it
+  # serves (TF Serving's --enable_model_warmup).
+  model_warmup: bool = True
 
 
 class ModelServer:
@@ -78,8 +85,12 @@ class ModelServer:
   def __init__(self, options, front_ends=()):
     self.options = options
     self.batcher = Batcher(options.batching) if options.batching else None
-    self.manager = ModelManager(options.models, options.poll_wait_seconds,
-                                on_load=self._attach_batcher)
+    self.manager = ModelManager(
+        options.models, options.poll_wait_seconds,
+        on_load=self._attach_batcher,
+        load_retry_seconds=options.load_retry_seconds,
+        load_retry_max_seconds=options.load_retry_max_seconds,
+        warmup=options.model_warmup)
     self._inflight = 0
     self._inflight_lock = threading.Lock()
     self._idle = threading.Condition(self._inflight_lock)

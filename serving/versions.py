@@ -8,6 +8,18 @@ versions are loaded before the served set is swapped in one assignment, so
 in-flight requests keep the version they resolved; removed versions are
 dropped from the set and freed once their last request finishes.
 
+A version that fails to load (say, copied in slowly: saved_model.pb there,
+its variables not yet) is retried, with backoff (`load_retry_seconds`,
+doubling up to `load_retry_max_seconds`), and at once when anything in its
+folder changes (any file's size, time or count, at any depth); each failure
+is logged with its error. While the policy picks the previous version
+instead, that one serves. Availability comes first, as TF Serving's
+AvailabilityPreservingPolicy: served versions are unloaded only once a
+version the policy wants is serving, so while every version the policy
+wants still fails to load, the versions being served stay (even if their
+folders were deleted); with no version at all left on disk, the model is
+unloaded.
+
 The model list itself can change while serving (`ModelManager.reconfigure`,
 from a re-read --model_config_file or gRPC HandleReloadConfigRequest): added
 models are loaded, removed ones unloaded, and changed version policies and
@@ -30,6 +42,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import fs
 from pipeline import rundir
+from serving import warmup
 from serving.errors import invalid, not_found
 from serving.models import ServableVersion, is_complete_export
 
@@ -124,7 +137,7 @@ class _Model:
     self.config = config  # replaced by reconfigure, never edited
     self.servables = {}  # version -> ServableVersion; replaced, never edited
     self.status = {}  # version -> VersionStatus
-    self.failed = {}  # version -> mtime of the export that failed to load
+    self.failed = {}  # version -> _Failure of its last load
     self.missing_logged = False
     self.removed = False  # taken out of the config: statuses only
 
@@ -132,9 +145,13 @@ class _Model:
 class ModelManager:
   """Loads, swaps and unloads model versions; resolves requests to them."""
 
-  def __init__(self, configs, poll_wait_seconds=1.0, on_load=None):
+  def __init__(self, configs, poll_wait_seconds=1.0, on_load=None,
+               load_retry_seconds=1.0, load_retry_max_seconds=300.0,
+               warmup=True):
     self._models = {c.name: _Model(c) for c in configs}
+    self._warmup = warmup
     self._poll_wait = poll_wait_seconds
+    self._retry = (load_retry_seconds, load_retry_max_seconds)
     self._on_load = on_load or (lambda servable: None)
     self._lock = threading.Lock()  # guards status dicts and polling
     self._poller = _Poller(self.poll, poll_wait_seconds, 'version-poller',
@@ -208,22 +225,26 @@ class ModelManager:
       return
     current = model.servables
     new = {}
+    waiting = set()  # wanted, but failed to load (now or not yet retried)
     while True:
       aspired = model.config.aspired(candidates)
       failed = False
       for version in sorted(aspired - set(current) - set(new), reverse=True):
-        servable = self._load(model, version, candidates[version])
+        servable = None
+        if self._due(model, version, candidates[version]):
+          servable = self._load(model, version, candidates[version])
         if servable is None:
           # The policy picks again without it (e.g. the previous latest).
           del candidates[version]
+          waiting.add(version)
           failed = True
         else:
           new[version] = servable
       if not failed:
         break
     loaded = {v: current.get(v) or new[v] for v in aspired}
-    if aspired and not loaded:
-      # Keep serving the old versions rather than nothing.
+    if waiting and not loaded and current:
+      # Availability first: keep serving until a wanted version loads.
       return
     model.servables = loaded  # the swap: one reference assignment
     self._unload(model, set(current) - set(loaded))
@@ -241,26 +262,49 @@ class ModelManager:
     candidates = {}
     for version in rundir.list_versions(base):
       path = os.path.join(base, str(version))
-      if not is_complete_export(path):
-        continue
-      if model.failed.get(version) == _stamp(path):
-        continue  # failed before and unchanged since
-      candidates[version] = path
+      if is_complete_export(path):
+        candidates[version] = path
+    for version in set(model.failed) - set(candidates):
+      del model.failed[version]  # gone: a new copy starts afresh
     return candidates
+
+  def _due(self, model, version, path):
+    """Whether to try loading a version: yes unless it failed before and
+    neither its backoff has passed nor anything in its folder changed."""
+    failure = model.failed.get(version)
+    if failure is None:
+      return True
+    if time.monotonic() >= failure.retry_at:
+      return True
+    return _stamp(path) != failure.stamp
 
   def _load(self, model, version, path):
     name = model.config.name
+    failure = model.failed.get(version)
+    attempt = failure.attempts + 1 if failure else 1
+    stamp = _stamp(path)  # before loading: a change while loading retries
     model.status[version] = VersionStatus(LOADING)
-    log.info('loading %s version %d from %s', name, version, path)
+    if failure:
+      log.info('retrying %s version %d from %s (attempt %d)', name, version,
+               path, attempt)
+    else:
+      log.info('loading %s version %d from %s', name, version, path)
     try:
       servable = ServableVersion(name, version, path)
+      # TF Serving's warmup, before the version is made available.
+      servable.warmup_requests = (warmup.replay(servable) if self._warmup
+                                  else 0)
       self._on_load(servable)
     except Exception as e:  # pylint: disable=broad-except
       lines = str(e).splitlines()
       message = f'{type(e).__name__}: {lines[0] if lines else ""}'
-      log.error('model %s version %d failed to load: %s', name, version,
-                message)
-      model.failed[version] = _stamp(path)
+      first, most = self._retry
+      delay = min(first * 2 ** (attempt - 1), most)
+      log.error('model %s version %d failed to load (attempt %d): %s; '
+                'retrying in %.1fs or when its files change', name, version,
+                attempt, message, delay)
+      model.failed[version] = _Failure(stamp, attempt,
+                                       time.monotonic() + delay)
       model.status[version] = VersionStatus(END, message)
       return None
     model.failed.pop(version, None)
@@ -390,11 +434,28 @@ class ConfigFilePoller(_Poller):
     return True
 
 
+@dataclasses.dataclass
+class _Failure:
+  """A version's failed load: its folder's stamp then, the attempts so far
+  and when backoff allows the next one (time.monotonic())."""
+  stamp: object
+  attempts: int
+  retry_at: float
+
+
 def _stamp(path):
-  """Changes when an export folder is rewritten (to retry failed loads)."""
+  """Changes when anything in an export folder changes, at any depth
+  (files added, removed, grown or rewritten), to retry failed loads at once:
+  a copy that finishes writing variables/ after saved_model.pb changes no
+  top-level time."""
+  files = []
   try:
-    return max(os.stat(os.path.join(path, f)).st_mtime_ns
-               for f in os.listdir(path))
-  except (OSError, ValueError):
+    for folder, _, names in os.walk(path):
+      for name in names:
+        full = os.path.join(folder, name)
+        info = os.stat(full)
+        files.append((full, info.st_size, info.st_mtime_ns))
+  except OSError:
     return None
+  return hash(tuple(sorted(files)))
 

@@ -96,6 +96,34 @@ def test_export_is_an_integer_version_with_metadata(census_export):
   assert not os.path.exists(config.rundir.path('.staging'))
 
 
+
+def test_export_carries_tf_serving_warmup_requests(census_export):
+  """TF Serving's warmup file, from eval rows: one request per signature
+  clients use, each of which the model server replays without error."""
+  from tensorflow_serving.apis import prediction_log_pb2
+  from serving import warmup
+  from serving.models import ServableVersion
+  _, path = census_export
+  records = list(tf.compat.v1.io.tf_record_iterator(
+      os.path.join(path, 'assets.extra', 'tf_serving_warmup_requests')))
+  logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
+  by_signature = {}
+  for log in logs:
+    kind = log.WhichOneof('log_type')
+    request = getattr(log, kind).request
+    by_signature[request.model_spec.signature_name] = (kind, request)
+  assert by_signature['classification'][0] == 'classify_log'
+  assert by_signature['serving_default'][0] == 'classify_log'
+  assert by_signature['predict'][0] == 'predict_log'
+  kind, raw = by_signature[signatures.RAW_SIGNATURE]
+  assert kind == 'predict_log'
+  assert {'age', 'workclass'} <= set(raw.inputs)
+  examples = by_signature['classification'][1].input.example_list.examples
+  assert len(examples) == export.WARMUP_ROWS
+  servable = ServableVersion('census', 1, path)
+  assert warmup.replay(servable) == len(logs)
+
+
 def test_classifier_signatures(census_loaded):
   names = set(census_loaded.signatures)
   assert {'serving_default', 'classification', 'predict',

@@ -30,6 +30,8 @@ from google.protobuf import text_format
 tf = pytest.importorskip('tensorflow')
 
 # pylint: disable=g-import-not-at-top,redefined-outer-name
+from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import classification_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
@@ -43,7 +45,8 @@ from tensorflow_serving.apis import regression_pb2
 from serving import grpc_service, rest
 from serving.batching import BatchingOptions, parse_batching_parameters
 from serving.server import ModelServer, ServerOptions
-from serving.versions import ModelConfig, parse_model_config_text
+from serving.versions import ModelConfig, ModelManager
+from serving.versions import parse_model_config_text
 from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -563,6 +566,73 @@ def test_grpc_errors_carry_status_codes(stubs):
   assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+
+def _tensor(dtype, shape, **values):
+  """A TensorProto as a client may send it, without TF's checks."""
+  proto = tensor_pb2.TensorProto(dtype=dtype)
+  for size in shape:
+    proto.tensor_shape.dim.add(size=size)
+  for field, value in values.items():
+    if field == 'tensor_content':
+      proto.tensor_content = value
+    else:
+      getattr(proto, field).extend(value)
+  return proto
+
+
+@pytest.mark.parametrize('tensor,message', [
+    (_tensor(types_pb2.DT_FLOAT, [2**40], float_val=[1.0]), 'above the limit'),
+    (_tensor(types_pb2.DT_FLOAT, [1] * 40, float_val=[1.0]), 'rank 40'),
+    (_tensor(types_pb2.DT_FLOAT, [2**62, 2**62], float_val=[1.0]),
+     'above the limit'),
+    (_tensor(types_pb2.DT_FLOAT, [3, -1], float_val=[1.0]),
+     'negative dimension'),
+    (_tensor(types_pb2.DT_RESOURCE, [1]), 'dtype DT_RESOURCE'),
+    (_tensor(types_pb2.DT_VARIANT, [1]), 'dtype DT_VARIANT'),
+    (_tensor(types_pb2.DT_FLOAT_REF, [1], float_val=[1.0]),
+     'dtype DT_FLOAT_REF'),
+    (_tensor(999, [1]), 'unknown dtype (999)'),
+    (_tensor(types_pb2.DT_FLOAT, [3], float_val=[1.0, 2.0]), '2 values'),
+    (_tensor(types_pb2.DT_FLOAT, [2], tensor_content=b'abc'),
+     'tensor_content holds 3 bytes'),
+    (_tensor(types_pb2.DT_HALF, [2**40], half_val=[0]), 'above the limit'),
+])
+def test_grpc_rejects_absurd_tensors_before_allocating(stubs, tensor,
+                                                        message):
+  """Shapes, ranks and dtypes a client declares are checked against the
+  limits and the values sent before anything is allocated."""
+  prediction, _ = stubs
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = 'cls'
+  request.model_spec.signature_name = 'raw:predict'
+  request.inputs['x'].CopyFrom(tensor)
+  request.inputs['c'].CopyFrom(tf.make_tensor_proto(['a']))
+  with pytest.raises(grpc.RpcError) as error:
+    prediction.Predict(request, timeout=30)
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+      error.value.details())
+  assert message in error.value.details()
+  assert "input 'x'" in error.value.details()
+
+
+
+def _nested(value, depth):
+  for _ in range(depth):
+    value = [value]
+  return value
+
+
+@pytest.mark.parametrize('inputs', [
+    {'x': [0.5], 'c': _nested('a', 40)},
+    {'x': _nested(0.5, 40), 'c': ['a']},
+])
+def test_rest_rejects_absurd_ranks(server, inputs):
+  """REST's equivalent of a rank-40 tensor is a 400, not a 500."""
+  response = _post(server, 'cls:predict',
+                   {'signature_name': 'raw:predict', 'inputs': inputs})
+  assert response.status_code == 400, response.text
+
+
 # Batching
 
 def test_batching_merges_concurrent_requests(model_root, local):
@@ -842,6 +912,92 @@ def test_broken_version_is_skipped_and_reported(exports, tmp_path):
     srv.stop(grace=5)
 
 
+
+def test_slowly_copied_version_is_retried_and_old_one_kept(exports, tmp_path,
+                                                            caplog):
+  """Version 2 copied in slowly: saved_model.pb first, its variables later.
+  Its failed load is retried (nothing touched once the copy is complete),
+  and version 1 serves until version 2 loads, even once its folder is
+  deleted (availability first, as TF Serving's AvailabilityPreservingPolicy).
+  With no version left on disk the model is unloaded."""
+  caplog.set_level(logging.INFO, logger='estpipe')
+  base = tmp_path / 'cls'
+  base.mkdir()
+  _publish(exports['classifier'], str(base), 1)
+  options = ServerOptions(models=[ModelConfig('cls', str(base))],
+                          grpc_port=0, rest_port=None, poll_wait_seconds=0.1,
+                          load_retry_seconds=0.2, load_retry_max_seconds=1)
+  srv = ModelServer(options, (grpc_service.start,)).start()
+  channel = grpc.insecure_channel(f'127.0.0.1:{srv.grpc_port}')
+  stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name = 'cls'
+  request.input.example_list.examples.add().CopyFrom(_example(0.2, 'a'))
+
+  def served():
+    return stub.Classify(request, timeout=30).model_spec.version.value
+
+  try:
+    slow = base / '2'
+    (slow / 'variables').mkdir(parents=True)
+    shutil.copy2(os.path.join(exports['classifier'], 'saved_model.pb'), slow)
+    _wait_for(lambda: dict(srv.statuses('cls')).get(2) and
+              dict(srv.statuses('cls'))[2].error)
+    assert served() == 1
+    shutil.rmtree(base / '1')  # the old version goes while 2 is broken
+    time.sleep(1)  # polls and retries
+    assert srv.statuses('cls', 2)[0][1].state != 'AVAILABLE'
+    assert served() == 1
+    # The copy completes, with the source's times (as cp -p, rsync -t).
+    source = os.path.join(exports['classifier'], 'variables')
+    for name in os.listdir(source):
+      shutil.copy2(os.path.join(source, name), slow / 'variables')
+    _wait_for(lambda: served() == 2, timeout=30)
+    assert srv.statuses('cls', 1)[0][1].state == 'END'
+    shutil.rmtree(slow)  # nothing left on disk: nothing served
+    _wait_for(lambda: not srv.manager.config('cls') or
+              not srv.manager._model('cls').servables, timeout=30)  # pylint: disable=protected-access
+    with pytest.raises(grpc.RpcError) as error:
+      served()
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+  finally:
+    channel.close()
+    srv.stop(grace=5)
+  failures = [r.getMessage() for r in caplog.records
+              if 'version 2 failed to load (attempt' in r.getMessage()]
+  assert failures and 'retrying in' in failures[0], failures
+
+
+def test_failed_load_is_retried_with_backoff(model_root, caplog):
+  """A load that fails with nothing changing on disk is retried after a
+  backoff that doubles, each failure logged with its error."""
+  caplog.set_level(logging.INFO, logger='estpipe')
+  attempts = []
+
+  def flaky(servable):
+    attempts.append(time.monotonic())
+    if len(attempts) < 3:
+      raise OSError(f'flaky storage #{len(attempts)}')
+
+  manager = ModelManager([ModelConfig('cls', str(model_root / 'cls'))],
+                         poll_wait_seconds=0, on_load=flaky,
+                         load_retry_seconds=0.3, load_retry_max_seconds=10)
+  manager.start()
+  assert len(attempts) == 1 and not manager._model('cls').servables  # pylint: disable=protected-access
+  manager.poll()
+  assert len(attempts) == 1  # backing off
+  _wait_for(lambda: manager.poll() or len(attempts) == 2)
+  _wait_for(lambda: manager.poll() or len(attempts) == 3)
+  assert manager.resolve('cls').version == 1
+  assert attempts[1] - attempts[0] >= 0.3
+  assert attempts[2] - attempts[1] >= 0.6  # doubled
+  errors = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.ERROR]
+  assert len(errors) == 2
+  assert 'attempt 1' in errors[0] and 'flaky storage #1' in errors[0]
+  assert 'attempt 2' in errors[1] and 'retrying in 0.6s' in errors[1]
+
+
 def _wait_for(condition, timeout=60):
   deadline = time.monotonic() + timeout
   while not condition():
@@ -912,10 +1068,12 @@ def test_serve_flags_become_server_options(tmp_path):
   options = serve_options(_serve_args(
       f'--model_config_file={config}', '--port=9000', '--rest_api_port=0',
       '--enable_batching=true', '--host=0.0.0.0',
-      '--model_config_file_poll_wait_seconds=30'))
+      '--model_config_file_poll_wait_seconds=30',
+      '--enable_model_warmup=false', '--load_retry_interval_micros=250000'))
   (model,) = options.models
   assert (model.name, model.policy, model.labels) == ('a', 'all',
                                                       {'stable': 1})
+  assert not options.model_warmup and options.load_retry_seconds == 0.25
   assert options.grpc_port == 9000 and options.rest_port is None
   assert options.host == '0.0.0.0' and options.batching is not None
   assert (options.model_config_file, options.model_config_poll_seconds) == (
@@ -925,6 +1083,7 @@ def test_serve_flags_become_server_options(tmp_path):
   assert options.models[0].name == 'm' and options.batching is None
   assert (options.grpc_port, options.rest_port, options.host) == (
       8500, 8501, '127.0.0.1')
+  assert options.model_warmup and options.load_retry_seconds == 1
   for flags, message in (
       ([], 'give --model_base_path'),
       ([f'--model_config_file={config}', f'--model_base_path={tmp_path}'],
