@@ -415,11 +415,9 @@ def test_rest_fuzz_never_answers_5xx(server):
 # them all and requires every answer to be one of its codes and never
 # INTERNAL or UNKNOWN, then checks the server still answers.
 #
-# GRPC_CASES holds only requests that answer INVALID_ARGUMENT (or another
-# client error) today. Absurd shapes and dtypes in TensorProtos (negative
-# or huge dims, tensor_content of the wrong size, unknown dtypes, string
-# values for numeric inputs...) are the gRPC validation work of the `grpcv`
-# branch: add them to GRPC_VALIDATION_CASES there, with the fixes.
+# These are fixed cases, each with its expected codes; the seeded random
+# and mutated gRPC requests (absurd shapes and dtypes in TensorProtos,
+# rank 40, wrong value counts...) are in tests/test_fuzz_grpc.py.
 # ---------------------------------------------------------------------------
 
 _CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -479,16 +477,12 @@ def _grpc_cases():
   return cases
 
 
-# The grpcv branch's area (see above): absurd shapes and dtypes.
-GRPC_VALIDATION_CASES = []
-
-
 def test_grpc_fuzz_never_fails_internally(server):
   with grpc.insecure_channel(f'127.0.0.1:{server.grpc_port}') as channel:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     failures = []
     for index, (method, request, codes) in enumerate(
-        _grpc_cases() + GRPC_VALIDATION_CASES):
+        _grpc_cases()):
       try:
         getattr(stub, method)(request, timeout=30)
         code = grpc.StatusCode.OK
