@@ -22,6 +22,20 @@ FEATURE_TYPES = ('integer', 'float', 'string', 'text')
 TRANSFORMS = ('z_score', 'scale_0_1', 'bucketize', 'log', 'vocabulary', 'hash',
               'text', 'identity')
 NUMERIC_TRANSFORMS = ('z_score', 'scale_0_1', 'bucketize', 'log')
+# The feature types each transform works on (preprocessing/transform_fn.py):
+# numeric transforms cast to float; vocabularies need strings or integers
+# (tft.compute_and_apply_vocabulary rejects floats), and so do hash buckets
+# (a float's text is not a stable category); text goes with text only.
+TRANSFORM_TYPES = {
+    'z_score': ('integer', 'float'),
+    'scale_0_1': ('integer', 'float'),
+    'bucketize': ('integer', 'float'),
+    'log': ('integer', 'float'),
+    'vocabulary': ('string', 'integer'),
+    'hash': ('string', 'integer'),
+    'text': ('text',),
+    'identity': ('integer', 'float', 'string'),
+}
 TEXT_OUTPUTS = ('vocabulary', 'bag_of_words', 'tfidf')
 TASKS = ('binary', 'multiclass', 'regression')
 COMPUTED_DEFAULTS = ('mean', 'most_frequent')
@@ -76,6 +90,11 @@ class DataConfig:
     return _as_list(self.eval)
 
 
+def transforms_for(feature_type):
+  """The transforms that work on a feature of this type."""
+  return [t for t in TRANSFORMS if feature_type in TRANSFORM_TYPES[t]]
+
+
 @dataclasses.dataclass
 class FeatureConfig:
   """One raw column and how tf.Transform turns it into a model input."""
@@ -102,12 +121,17 @@ class FeatureConfig:
                         f'unknown transform {self.transform!r}; expected one '
                         f'of {", ".join(TRANSFORMS)}')
     numeric = self.type in ('integer', 'float')
-    if self.transform in NUMERIC_TRANSFORMS and not numeric:
-      raise ConfigError(f'{path}.transform', f'{self.transform} needs an '
-                        f'integer or float feature, {self.name} is {self.type}')
-    if (self.transform == 'text') != (self.type == 'text'):
-      raise ConfigError(f'{path}.transform', 'type text goes with transform '
-                        'text, and only with it')
+    allowed = TRANSFORM_TYPES[self.transform]
+    if self.type not in allowed:
+      if self.type == 'text':
+        hint = 'type text goes with transform text, and only with it'
+      else:
+        hint = (f'use one of {", ".join(transforms_for(self.type))} for a '
+                f'{self.type} feature')
+      needs = ' or '.join(allowed)
+      raise ConfigError(f'{path}.transform', f'{self.transform} needs '
+                        f'{"an" if needs[0] in "aeiou" else "a"} {needs} '
+                        f'feature, {self.name} is {self.type} ({hint})')
     if self.transform in ('bucketize', 'hash'):
       if not isinstance(self.buckets, int) or self.buckets < 2:
         raise ConfigError(f'{path}.buckets', f'{self.transform} needs '

@@ -251,3 +251,38 @@ def test_most_frequent_default_outside_a_vocabulary(synthetic_csv, tmp_path):
   missing = [i for i, r in enumerate(rows) if not r['occupation']]
   assert len(missing) > 100
   assert {out['occupation'][i] for i in missing} == {expected}
+
+
+def test_every_valid_type_transform_pair_transforms(tmp_path):
+  """Each pair the config check lets through runs in tf.Transform."""
+  import tensorflow_transform.beam as tft_beam  # pylint: disable=g-import-not-at-top
+  from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils  # pylint: disable=g-import-not-at-top
+  from pipeline.config import FeatureConfig, TRANSFORM_TYPES  # pylint: disable=g-import-not-at-top
+  from preprocessing import transform_fn  # pylint: disable=g-import-not-at-top
+  dtypes = {'integer': tf.int64, 'float': tf.float32, 'string': tf.string,
+            'text': tf.string}
+  values = {'integer': [1, 2, 3, 2], 'float': [0.5, 1.5, 2.5, 1.5],
+            'string': ['a', 'b', 'a', 'c'],
+            'text': ['a b', 'b c d', 'a', 'd d']}
+  features = [FeatureConfig(name=f'{kind}_{transform}', type=kind,
+                            transform=transform, buckets=2)
+              for transform, kinds in TRANSFORM_TYPES.items()
+              for kind in kinds]
+  spec = {f.name: tf.io.FixedLenFeature([], dtypes[f.type]) for f in features}
+  rows = [{f.name: values[f.type][i] for f in features} for i in range(4)]
+
+  def preprocessing_fn(inputs):
+    outputs = {}
+    for feature in features:
+      outputs.update(transform_fn.transform_feature(feature,
+                                                    inputs[feature.name]))
+    return outputs
+
+  metadata = dataset_metadata.DatasetMetadata(
+      schema_utils.schema_from_feature_spec(spec))
+  with tft_beam.Context(temp_dir=str(tmp_path)):
+    (transformed, _), _ = ((rows, metadata) |
+                           tft_beam.AnalyzeAndTransformDataset(
+                               preprocessing_fn))
+  assert len(transformed) == 4
+  assert {f.name for f in features} <= set(transformed[0])
