@@ -126,6 +126,9 @@ def run_train(config, beam_args=(), verbose=False):
   from serving import export  # pylint: disable=g-import-not-at-top
   _quiet_deprecations(verbose)
   chief = runconfig.task_type() in (None, 'chief')
+  if chief:
+    # A killed run leaves this line without an end: the record shows it.
+    runrecord.append_history(config.run_dir, 'train', 'started')
   try:
     record = train.train(config, export.make_exporters(config))
   except BaseException as e:
@@ -238,7 +241,13 @@ def run_evaluate(config, beam_args=(), verbose=False, checkpoint=None,
   del beam_args  # evaluation runs no Beam job
   from estimators import train  # pylint: disable=g-import-not-at-top
   _quiet_deprecations(verbose)
-  result = train.evaluate(config, checkpoint, slices)
+  runrecord.append_history(config.run_dir, 'evaluate', 'started')
+  try:
+    result = train.evaluate(config, checkpoint, slices)
+  except Exception as e:
+    runrecord.append_history(config.run_dir, 'evaluate', 'failed',
+                             {'error': f'{type(e).__name__}: {e}'})
+    raise
   output = output or config.rundir.evaluation
   runrecord.write_json(fs.abspath(output), result)
   runrecord.append_history(config.run_dir, 'evaluate', 'succeeded', {
@@ -264,6 +273,7 @@ def run_export(config, beam_args=(), verbose=False, checkpoint=None):
   _quiet_deprecations(verbose)
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import export  # pylint: disable=g-import-not-at-top
+  runrecord.append_history(config.run_dir, 'export', 'started')
   try:
     path = export.export_checkpoint(
         config, lambda c: train.build_estimator(c, warm_start=False),
@@ -290,6 +300,8 @@ def run_verify(config, beam_args=(), verbose=False, path=None, max_rows=None):
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import verify  # pylint: disable=g-import-not-at-top
   _quiet_deprecations(verbose)
+  runrecord.append_history(config.run_dir, 'verify-export', 'started',
+                           {'export': path})
   try:
     summary = verify.verify_export(config, train.predict_transformed, path,
                                    max_rows=max_rows)

@@ -477,3 +477,20 @@ def test_progress_lines_show_each_eval_result_once(tmp_path):
   shown = [hook._eval_text() for _ in range(6)]  # pylint: disable=protected-access
   assert shown == ['', ' | eval@500: auc 0.9000', '', '',
                    ' | eval@1000: auc 0.9500', '']
+
+
+def test_every_stage_records_its_start(synthetic_csv, tmp_path):
+  """A killed stage leaves its `started` line: the record shows it ran."""
+  from estimators import commands  # pylint: disable=g-import-not-at-top
+  from tests.conftest import example_config  # pylint: disable=g-import-not-at-top
+  # Not preprocessed: every stage fails early.
+  config = example_config('synthetic', tmp_path / 'run',
+                          f'data.train={synthetic_csv}/data-*.csv')
+  for stage, run in (('train', commands.run_train),
+                     ('evaluate', commands.run_evaluate),
+                     ('export', commands.run_export)):
+    with pytest.raises(UserError):
+      run(config)
+    lines = [(h['stage'], h['status'])
+             for h in runrecord.read_history(config.run_dir)]
+    assert lines[-2:] == [(stage, 'started'), (stage, 'failed')], lines
