@@ -51,7 +51,7 @@ def _worker_paths(config):
 
 
 def _submit_detached(config, options, target):
-  stage = runrecord.new_staging(config.run_dir, publish.STAGE)
+  stage = runrecord.new_staging(config.run_dir, publish.STAGE, detached=True)
   try:
     result = beam_pipeline.submit(config, stage,
                                   runners.with_staging(options, stage))

@@ -148,10 +148,51 @@ def test_killed_run_leaves_nothing_a_later_stage_would_use(synthetic_csv,
   assert not config.rundir.is_preprocessed()
   assert not os.path.exists(config.rundir.path('data'))
   assert not os.path.exists(config.rundir.transform)
-  # Running again completes, and the leftovers do not get in the way.
+  # Running again completes, and the leftovers do not get in the way:
+  # the killed run's staging folder is removed (its owner is gone).
   run_lib.preprocess(config)
   assert config.rundir.is_preprocessed()
   assert len(read_transformed(config, 'train')['age']) > 3500
+  assert not os.path.exists(config.rundir.staging), os.listdir(
+      config.rundir.staging)
+
+
+def test_stale_staging_of_dead_processes_is_removed(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  folders = {}
+  for name, pid, extra in (('dead', dead.pid, {}),
+                           ('live', os.getpid(), {}),
+                           ('detached', dead.pid, {'detached': True}),
+                           ('elsewhere', dead.pid, {'host': 'other-host'})):
+    path = runrecord.new_staging(run_dir, 'preprocess',
+                                 detached=bool(extra.get('detached')))
+    owner = runrecord.read_json(os.path.join(path, 'OWNER'))
+    owner.update(pid=pid, **extra)
+    runrecord.write_json(os.path.join(path, 'OWNER'), owner)
+    folders[name] = path
+  # Another process's live run in the same run dir keeps its folder.
+  sleeper = subprocess.Popen([sys.executable, '-c',
+                              'import time; time.sleep(60)'])
+  try:
+    runrecord.write_json(os.path.join(folders['live'], 'OWNER'), {
+        'host': runrecord.socket.gethostname(), 'pid': sleeper.pid})
+    legacy = os.path.join(run_dir, '.staging', 'preprocess-legacy')
+    os.makedirs(legacy)  # no owner recorded: left alone
+    new = runrecord.new_staging(run_dir, 'preprocess')
+    left = set(os.listdir(os.path.join(run_dir, '.staging')))
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  assert os.path.basename(folders['dead']) not in left
+  assert {os.path.basename(p) for p in (folders['live'], folders['detached'],
+                                        folders['elsewhere'], legacy, new)
+         } <= left
+  # Once the live run's process is gone, its folder goes too.
+  runrecord.new_staging(run_dir, 'preprocess')
+  assert os.path.basename(folders['live']) not in os.listdir(
+      os.path.join(run_dir, '.staging'))
 
 
 _USER_MODULE = '''
