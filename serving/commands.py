@@ -11,6 +11,7 @@ import logging
 import os
 
 from pipeline import args as args_lib
+from pipeline import errors
 from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
@@ -270,6 +271,10 @@ def _predict(args):
         output_format=args.output_format, beam_args=args.extra)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e))
+  message = errors.rejects_message(summary['read'], summary['rejected'],
+                                   summary['rejects'])
+  if message:
+    log.info('%s', message)
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -92,3 +92,54 @@ def test_serve_bind_error_after_the_check_names_the_port():
   rest_error = OSError(98, "error while attempting to bind on address "
                        "('127.0.0.1', 8501): address already in use")
   assert 'REST port 8501' in commands._bind_error(rest_error, ports)  # pylint: disable=protected-access
+
+
+# --- a run that succeeds with rejects says where they are -----------------
+
+_SPLITS = {'train': {'read': 100, 'written': 97, 'rejected': 3},
+           'eval': {'read': 50, 'written': 49, 'rejected': 1}}
+
+
+def test_preprocess_log_names_the_rejects(caplog):
+  from preprocessing import run  # pylint: disable=g-import-not-at-top
+  caplog.set_level('INFO', logger='estpipe')
+  run._log_summary({'splits': _SPLITS, 'wall_seconds': 1.0,  # pylint: disable=protected-access
+                    'runner': 'DirectRunner',
+                    'rejects_path': '/r/rejects'}, '/r/rejects')
+  assert '4 of 150 rows rejected (reasons in /r/rejects)' in caplog.text
+
+
+def test_run_summary_names_the_rejects(tmp_path):
+  from pipeline import commands  # pylint: disable=g-import-not-at-top
+  from pipeline.rundir import RunDir  # pylint: disable=g-import-not-at-top
+
+  class Config:
+    rundir = RunDir(str(tmp_path))
+  record = {'stages': [{'name': 'preprocess', 'status': 'skipped',
+                        'outputs': {'splits': _SPLITS}},
+                       {'name': 'train', 'status': 'succeeded'}]}
+  assert commands._rejects(record, Config) == (  # pylint: disable=protected-access
+      f'4 of 150 rows rejected (reasons in {tmp_path}/rejects)')
+  record['stages'][0]['outputs']['splits'] = {
+      'train': {'read': 10, 'written': 10, 'rejected': 0}}
+  assert commands._rejects(record, Config) is None  # pylint: disable=protected-access
+
+
+def test_predict_log_names_the_rejects(synthetic_csv, tmp_path, monkeypatch,
+                                       caplog, capsys):
+  from pipeline import cli  # pylint: disable=g-import-not-at-top
+  from serving import predict  # pylint: disable=g-import-not-at-top
+  export = tmp_path / 'export'
+  export.mkdir()
+  (export / 'saved_model.pb').write_bytes(b'')
+  output = str(tmp_path / 'out.jsonl')
+  monkeypatch.setattr(predict, 'predict', lambda *a, **k: {
+      'read': 20, 'rejected': 2, 'written': 18, 'output': output,
+      'rejects': predict.rejects_path(output)})
+  code = cli.main(['predict', os.path.join(EXAMPLES, 'synthetic.yaml'),
+                   '--set', f'data.train={synthetic_csv}/data-*.csv',
+                   '--input', 'in.csv', '--output', output,
+                   '--export_path', str(export)])
+  assert code == 0, capsys.readouterr().err
+  assert (f'2 of 20 rows rejected (reasons in {output}.rejects.jsonl)'
+          in caplog.text)
