@@ -164,3 +164,33 @@ def test_every_type_transform_pair_is_checked(feature_type, transform):
     assert error is not None, f'{feature_type} + {transform} passed'
     assert error.path == 'features[2].transform'
     assert f'x is {feature_type}' in str(error)
+
+
+def test_config_docs_are_generated_from_the_definitions():
+  """docs/config.md is `python -m pipeline.config_docs`'s output, and it
+  documents every key with its default (model defaults, dropout, ...)."""
+  from pipeline import config_docs  # pylint: disable=g-import-not-at-top
+  text = config_docs.generate()
+  with open(config_docs.DOC_PATH) as f:
+    assert f.read() == text, ('docs/config.md is stale: run '
+                              'python -m pipeline.config_docs')
+  for row in ('| `model.learning_rate` | number | `0.01` |',
+              '| `model.linear_learning_rate` | number | `0.1` |',
+              '| `model.hidden_units` | list of integer | `[64, 32]` |',
+              '| `model.dropout` |', '| `model.cross_buckets` | integer | '
+              '`10000` |', '| `model.string_hash_buckets` | integer | '
+              '`1000` |', '| `predict.key_column` |'):
+    assert row in text, row
+
+
+def test_every_config_key_has_a_doc():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
+  for cls in (config_lib.Config, config_lib.DataConfig,
+              config_lib.FeatureConfig, config_lib.LabelConfig,
+              config_lib.PreprocessingConfig, config_lib.ModelConfig,
+              config_lib.TrainConfig, config_lib.ExportConfig,
+              config_lib.PredictConfig):
+    for field in dataclasses.fields(cls):
+      if field.name != 'source':
+        assert field.metadata.get('doc'), f'{cls.__name__}.{field.name}'
