@@ -241,8 +241,8 @@ def _add_predict(subparsers):
   parser = subparsers.add_parser(
       'predict', help='batch prediction over raw files (Beam)',
       description='Raw CSV or tf.Example records in, one prediction per good '
-      'row out (JSON lines or CSV, keyed by file:line), rejected rows in '
-      'OUTPUT.rejects.jsonl. Unknown flags are Beam pipeline options '
+      'row out (JSON lines or CSV, keyed by file:line, or by the column '
+      'predict.key_column names), rejected rows in OUTPUT.rejects.jsonl. Unknown flags are Beam pipeline options '
       '(--runner, --direct_running_mode, ...).')
   args_lib.add_config_args(parser)
   parser.add_argument('--input', required=True,

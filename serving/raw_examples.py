@@ -12,9 +12,10 @@ from pipeline import fs
 from preprocessing import rows as rows_lib
 
 
-def row_parser(config):
-  """A parser for raw serving rows: the features, no label needed."""
-  return rows_lib.RowParser(config, with_label=False)
+def row_parser(config, key_column=None):
+  """A parser for raw serving rows: the features, no label needed (and
+  with `key_column`, the row's key last)."""
+  return rows_lib.RowParser(config, with_label=False, key_column=key_column)
 
 
 def to_example(parser, values):
