@@ -110,8 +110,36 @@ def _quiet_deprecations(verbose):
   # Progress lines are INFO; keep them whatever the root logger's level is.
   log.setLevel(logging.INFO)
   if not verbose:
+    import warnings  # pylint: disable=g-import-not-at-top
     from tensorflow.python.util import deprecation  # pylint: disable=g-import-not-at-top
     deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
+    # Keras's own deprecation notices are UserWarnings (set_learning_phase,
+    # Model.state_updates under model_to_estimator): -v shows them.
+    warnings.filterwarnings('ignore', category=UserWarning,
+                            module=r'keras(\.|$)')
+    for name in ('tensorflow', 'absl'):  # TF logs through both
+      logger = logging.getLogger(name)
+      if _TF_NOISE not in logger.filters:
+        logger.addFilter(_TF_NOISE)
+
+
+class _TensorFlowNoise(logging.Filter):
+  """TensorFlow warnings that say nothing to an estpipe user.
+
+  Loading an export with raw features named like Census's columns warns
+  once per dashed name (`capital-gain` ... Sanitizing to `capital_gain`), and
+  every graph-mode load that eager mode is off: verify-export printed more
+  of these than results.
+  """
+  NOISE = ('is not a valid tf.function parameter name',
+           'Loading a TF2 SavedModel but eager mode seems disabled')
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(text in message for text in self.NOISE)
+
+
+_TF_NOISE = _TensorFlowNoise()
 
 
 def _train(args):

@@ -494,3 +494,26 @@ def test_every_stage_records_its_start(synthetic_csv, tmp_path):
     lines = [(h['stage'], h['status'])
              for h in runrecord.read_history(config.run_dir)]
     assert lines[-2:] == [(stage, 'started'), (stage, 'failed')], lines
+
+
+def test_quiet_by_default_hides_tensorflow_and_keras_noise(caplog):
+  """verify-export printed TF's name sanitizing and Keras's deprecation
+  warnings around its few result lines; -v still shows them."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  from estimators import commands  # pylint: disable=g-import-not-at-top
+  commands._quiet_deprecations(False)  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    # absl's logger: what tf.function's name sanitizing logs through.
+    logging.getLogger('absl').warning(
+        '`capital-gain` is not a valid tf.function parameter name. '
+        'Sanitizing to `capital_gain`.')
+    logging.getLogger('tensorflow').warning(
+        'Loading a TF2 SavedModel but eager mode seems disabled.')
+    logging.getLogger('tensorflow').warning('something that matters')
+  assert [r.getMessage() for r in caplog.records] == ['something that matters']
+  with warnings.catch_warnings(record=True) as shown:
+    warnings.warn_explicit('`tf.keras.backend.set_learning_phase` is '
+                           'deprecated', UserWarning, 'backend.py', 452,
+                           module='keras.src.backend')
+  assert not shown
