@@ -531,10 +531,8 @@ class Config:
     self.model.validate('model')
     self.train.validate('train')
     self.export.validate('export')
-    if check_columns:
-      self._check_columns()
-    self.predict.validate('predict', self.raw_columns() if check_columns
-                          else None)
+    columns = self._check_columns() if check_columns else None
+    self.predict.validate('predict', columns)
     for i, cross in enumerate(self.model.crosses):
       for name in cross:
         if name not in seen:
@@ -542,10 +540,11 @@ class Config:
                             f'{name!r} is not a feature')
 
   def _check_columns(self):
-    """Features and the label must exist in the data's columns."""
+    """Features and the label must exist in the data's columns; returns
+    those columns (None when the data does not name them: TFRecords)."""
     columns = self.raw_columns()
     if columns is None:
-      return
+      return None
     for i, feature in enumerate(self.features):
       if feature.name not in columns:
         raise ConfigError(f'features[{i}].name', f'{feature.name!r} is not '
@@ -559,6 +558,7 @@ class Config:
     elif self.label.name not in columns:
       raise ConfigError('label.name', f'{self.label.name!r} is not a column '
                         f'of the data (columns: {", ".join(columns)})')
+    return columns
 
   def raw_columns(self):
     """The data's column names: from the config, or a CSV header."""
