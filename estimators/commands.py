@@ -110,8 +110,36 @@ def _quiet_deprecations(verbose):
   # Progress lines are INFO; keep them whatever the root logger's level is.
   log.setLevel(logging.INFO)
   if not verbose:
+    import warnings  # pylint: disable=g-import-not-at-top
     from tensorflow.python.util import deprecation  # pylint: disable=g-import-not-at-top
     deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
+    # Keras's own deprecation notices are UserWarnings (set_learning_phase,
+    # Model.state_updates under model_to_estimator): -v shows them.
+    warnings.filterwarnings('ignore', category=UserWarning,
+                            module=r'keras(\.|$)')
+    for name in ('tensorflow', 'absl'):  # TF logs through both
+      logger = logging.getLogger(name)
+      if _TF_NOISE not in logger.filters:
+        logger.addFilter(_TF_NOISE)
+
+
+class _TensorFlowNoise(logging.Filter):
+  """TensorFlow warnings that say nothing to an estpipe user.
+
+  Loading an export with raw features named like Census's columns warns
+  once per dashed name (`capital-gain` ... Sanitizing to `capital_gain`), and
+  every graph-mode load that eager mode is off: verify-export printed more
+  of these than results.
+  """
+  NOISE = ('is not a valid tf.function parameter name',
+           'Loading a TF2 SavedModel but eager mode seems disabled')
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(text in message for text in self.NOISE)
+
+
+_TF_NOISE = _TensorFlowNoise()
 
 
 def _train(args):
@@ -126,6 +154,9 @@ def run_train(config, beam_args=(), verbose=False):
   from serving import export  # pylint: disable=g-import-not-at-top
   _quiet_deprecations(verbose)
   chief = runconfig.task_type() in (None, 'chief')
+  if chief:
+    # A killed run leaves this line without an end: the record shows it.
+    runrecord.append_history(config.run_dir, 'train', 'started')
   try:
     record = train.train(config, export.make_exporters(config))
   except BaseException as e:
@@ -238,7 +269,13 @@ def run_evaluate(config, beam_args=(), verbose=False, checkpoint=None,
   del beam_args  # evaluation runs no Beam job
   from estimators import train  # pylint: disable=g-import-not-at-top
   _quiet_deprecations(verbose)
-  result = train.evaluate(config, checkpoint, slices)
+  runrecord.append_history(config.run_dir, 'evaluate', 'started')
+  try:
+    result = train.evaluate(config, checkpoint, slices)
+  except Exception as e:
+    runrecord.append_history(config.run_dir, 'evaluate', 'failed',
+                             {'error': f'{type(e).__name__}: {e}'})
+    raise
   output = output or config.rundir.evaluation
   runrecord.write_json(fs.abspath(output), result)
   runrecord.append_history(config.run_dir, 'evaluate', 'succeeded', {
@@ -264,6 +301,7 @@ def run_export(config, beam_args=(), verbose=False, checkpoint=None):
   _quiet_deprecations(verbose)
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import export  # pylint: disable=g-import-not-at-top
+  runrecord.append_history(config.run_dir, 'export', 'started')
   try:
     path = export.export_checkpoint(
         config, lambda c: train.build_estimator(c, warm_start=False),
@@ -290,6 +328,8 @@ def run_verify(config, beam_args=(), verbose=False, path=None, max_rows=None):
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import verify  # pylint: disable=g-import-not-at-top
   _quiet_deprecations(verbose)
+  runrecord.append_history(config.run_dir, 'verify-export', 'started',
+                           {'export': path})
   try:
     summary = verify.verify_export(config, train.predict_transformed, path,
                                    max_rows=max_rows)

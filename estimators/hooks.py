@@ -18,7 +18,7 @@ _PROGRESS_METRICS = ('accuracy', 'auc', 'rmse', 'mae', 'average_loss', 'loss')
 
 
 class ProgressHook(tf.estimator.SessionRunHook):
-  """Logs step, loss, examples/sec and the latest eval metrics.
+  """Logs step, loss, examples/sec and each new eval result (once).
 
   Examples/sec counts this process's steps times the global batch size.
   """
@@ -32,6 +32,7 @@ class ProgressHook(tf.estimator.SessionRunHook):
     self._last = None
     self._eval_stamp = None
     self._eval_cache = None
+    self._eval_shown = None
 
   def begin(self):
     self._global_step = tf.compat.v1.train.get_global_step()
@@ -57,10 +58,12 @@ class ProgressHook(tf.estimator.SessionRunHook):
     log.info('step %d loss %.4f%s%s', step, loss, rate, self._eval_text())
 
   def _eval_text(self):
+    """The newest eval result, once: on the first line after it appears."""
     evals = self._latest_eval()
-    if not evals:
+    if not evals or evals[0] == self._eval_shown:
       return ''
     step, values = evals
+    self._eval_shown = step
     shown = [f'{k} {values[k]:.4f}' for k in _PROGRESS_METRICS if k in values]
     return f' | eval@{step}: ' + ', '.join(shown) if shown else ''
 

@@ -9,6 +9,7 @@ a UserError or ConfigError into one `estpipe: ...` line.
 """
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -56,6 +57,17 @@ def main(argv=None):
   except UserError as e:
     print(f'estpipe: error: {e}', file=sys.stderr)
     return e.exit_code
+  except OSError as e:
+    if e.errno not in _ACCESS_ERRORS or not e.filename:
+      raise
+    # An unwritable run_dir (or input, output): the path, not a traceback.
+    print(f'estpipe: error: cannot access {e.filename}: {e.strerror}',
+          file=sys.stderr)
+    return 1
+
+
+# Permission denied, operation not permitted, read-only file system.
+_ACCESS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _quiet_imports(argv):

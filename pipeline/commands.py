@@ -4,7 +4,7 @@ import logging
 
 from pipeline import args as args_lib
 from pipeline import runs
-from pipeline.errors import UserError
+from pipeline.errors import UserError, rejects_message
 
 _log = logging.getLogger('estpipe')
 
@@ -64,7 +64,21 @@ def _run(args):
                     command).run()
   _log.info('run complete: %s (%s)', _summary(record),
             config.rundir.run_record)
+  message = _rejects(record, config)
+  if message:
+    _log.info('%s', message)
   return 0
+
+
+def _rejects(record, config):
+  """Where preprocessing's rejects are, when it rejected rows."""
+  for stage in record['stages']:
+    splits = (stage.get('outputs') or {}).get('splits')
+    if stage['name'] == 'preprocess' and splits:
+      return rejects_message(sum(c['read'] for c in splits.values()),
+                             sum(c['rejected'] for c in splits.values()),
+                             config.rundir.rejects)
+  return None
 
 
 def _summary(record):

@@ -22,6 +22,20 @@ FEATURE_TYPES = ('integer', 'float', 'string', 'text')
 TRANSFORMS = ('z_score', 'scale_0_1', 'bucketize', 'log', 'vocabulary', 'hash',
               'text', 'identity')
 NUMERIC_TRANSFORMS = ('z_score', 'scale_0_1', 'bucketize', 'log')
+# The feature types each transform works on (preprocessing/transform_fn.py):
+# numeric transforms cast to float; vocabularies need strings or integers
+# (tft.compute_and_apply_vocabulary rejects floats), and so do hash buckets
+# (a float's text is not a stable category); text goes with text only.
+TRANSFORM_TYPES = {
+    'z_score': ('integer', 'float'),
+    'scale_0_1': ('integer', 'float'),
+    'bucketize': ('integer', 'float'),
+    'log': ('integer', 'float'),
+    'vocabulary': ('string', 'integer'),
+    'hash': ('string', 'integer'),
+    'text': ('text',),
+    'identity': ('integer', 'float', 'string'),
+}
 TEXT_OUTPUTS = ('vocabulary', 'bag_of_words', 'tfidf')
 TASKS = ('binary', 'multiclass', 'regression')
 COMPUTED_DEFAULTS = ('mean', 'most_frequent')
@@ -35,20 +49,56 @@ LR_SCHEDULES = {'exponential': ('decay_steps', 'decay_rate', 'staircase'),
                 'piecewise': ('boundaries', 'values')}
 EARLY_STOPPING_KEYS = ('metric', 'mode', 'max_steps_without_improvement',
                        'min_steps', 'check_every_secs')
+# One line per key of the dict-valued settings, for docs/config.md.
+EARLY_STOPPING_DOCS = {
+    'metric': 'Required. The eval metric to watch, e.g. `loss` or `auc`.',
+    'mode': '`min` (default) or `max`: which way is better.',
+    'max_steps_without_improvement': 'Required. Stop after this many steps '
+                                     'without a better value.',
+    'min_steps': 'Never stop before this step (default 0).',
+    'check_every_secs': 'Seconds between checks (default 10).',
+}
+LR_SCHEDULE_DOCS = {
+    'decay_steps': 'Steps per decay period (exponential, cosine).',
+    'decay_rate': 'Factor per period (exponential).',
+    'staircase': 'Decay in whole periods (exponential; default false).',
+    'alpha': 'The final factor (cosine; default 0).',
+    'boundaries': 'Steps where the factor changes (piecewise).',
+    'values': 'Factors of the learning rate, one more than boundaries '
+              '(piecewise).',
+}
+
+
+def _field(doc, default=None, factory=None):
+  """A config key with its one-line description (docs/config.md is made
+  from these: `python -m pipeline.config_docs`)."""
+  if factory is not None:
+    return dataclasses.field(default_factory=factory, metadata={'doc': doc})
+  return dataclasses.field(default=default, metadata={'doc': doc})
 
 
 @dataclasses.dataclass
 class DataConfig:
   """Raw inputs: where they are and how to read them."""
-  train: Union[str, List[str]] = None
-  eval: Optional[Union[str, List[str]]] = None
-  format: str = 'csv'
-  eval_fraction: float = 0.2
-  header: bool = False
-  columns: Optional[List[str]] = None
-  delimiter: str = ','
-  missing: List[str] = dataclasses.field(
-      default_factory=lambda: ['', '?', 'NA'])
+  train: Union[str, List[str]] = _field(
+      'Required. The training data: a path or glob (local, gs://, ...), or '
+      'a list of them.')
+  eval: Optional[Union[str, List[str]]] = _field(
+      'The eval data, as `train`; without it, `eval_fraction` of the '
+      'training rows (chosen by a hash of the row) are the eval split.')
+  format: str = _field('`csv` or `tfrecord` (gzip or plain tf.Examples).',
+                       'csv')
+  eval_fraction: float = _field(
+      'Share of the training rows held out for eval when `eval` is not set, '
+      'in (0, 1).', 0.2)
+  header: bool = _field('CSV files start with a header line of column '
+                        'names.', False)
+  columns: Optional[List[str]] = _field(
+      'The CSV column names, in order (required without `header`).')
+  delimiter: str = _field('The CSV field separator (one character).', ',')
+  missing: List[str] = _field(
+      'Field values that mean "missing" (filled by a feature\'s `default`).',
+      factory=lambda: ['', '?', 'NA'])
 
   def validate(self, path):
     if not self.train:
@@ -76,19 +126,35 @@ class DataConfig:
     return _as_list(self.eval)
 
 
+def transforms_for(feature_type):
+  """The transforms that work on a feature of this type."""
+  return [t for t in TRANSFORMS if feature_type in TRANSFORM_TYPES[t]]
+
+
 @dataclasses.dataclass
 class FeatureConfig:
   """One raw column and how tf.Transform turns it into a model input."""
-  name: str = None
-  type: str = None
-  transform: str = 'identity'
-  default: Optional[Union[float, str]] = None
-  buckets: Optional[int] = None
-  top_k: Optional[int] = None
-  oov_buckets: int = 1
-  frequency_threshold: Optional[int] = None
-  text_output: str = 'bag_of_words'
-  ngrams: int = 1
+  name: str = _field('Required. The raw column (and model input) name.')
+  type: str = _field('Required. The raw type: integer, float, string or '
+                     'text.')
+  transform: str = _field(
+      'z_score, scale_0_1, log, bucketize, vocabulary, hash, text or '
+      'identity; which types each takes is in the table below.', 'identity')
+  default: Optional[Union[float, str]] = _field(
+      'Fill for a missing value: a constant, `mean` (numeric) or '
+      '`most_frequent`; unset: 0 or "".')
+  buckets: Optional[int] = _field('Required for bucketize (quantile '
+                                  'buckets) and hash (hash buckets), >= 2.')
+  top_k: Optional[int] = _field('vocabulary, text: keep only the k most '
+                                'frequent values.')
+  oov_buckets: int = _field('vocabulary, text: ids for values outside the '
+                            'vocabulary.', 1)
+  frequency_threshold: Optional[int] = _field(
+      'vocabulary, text: keep only values seen at least this often.')
+  text_output: str = _field('text: `vocabulary` (token ids in order), '
+                            '`bag_of_words` or `tfidf`.', 'bag_of_words')
+  ngrams: int = _field('text: n-grams up to this length (bag_of_words, '
+                       'tfidf).', 1)
 
   def validate(self, path):
     if not self.name:
@@ -102,12 +168,17 @@ class FeatureConfig:
                         f'unknown transform {self.transform!r}; expected one '
                         f'of {", ".join(TRANSFORMS)}')
     numeric = self.type in ('integer', 'float')
-    if self.transform in NUMERIC_TRANSFORMS and not numeric:
-      raise ConfigError(f'{path}.transform', f'{self.transform} needs an '
-                        f'integer or float feature, {self.name} is {self.type}')
-    if (self.transform == 'text') != (self.type == 'text'):
-      raise ConfigError(f'{path}.transform', 'type text goes with transform '
-                        'text, and only with it')
+    allowed = TRANSFORM_TYPES[self.transform]
+    if self.type not in allowed:
+      if self.type == 'text':
+        hint = 'type text goes with transform text, and only with it'
+      else:
+        hint = (f'use one of {", ".join(transforms_for(self.type))} for a '
+                f'{self.type} feature')
+      needs = ' or '.join(allowed)
+      raise ConfigError(f'{path}.transform', f'{self.transform} needs '
+                        f'{"an" if needs[0] in "aeiou" else "a"} {needs} '
+                        f'feature, {self.name} is {self.type} ({hint})')
     if self.transform in ('bucketize', 'hash'):
       if not isinstance(self.buckets, int) or self.buckets < 2:
         raise ConfigError(f'{path}.buckets', f'{self.transform} needs '
@@ -132,10 +203,15 @@ class FeatureConfig:
 @dataclasses.dataclass
 class LabelConfig:
   """The prediction target: a column, or an expression over columns."""
-  name: str = None
-  task: str = 'binary'
-  values: Optional[List[str]] = None
-  expression: Optional[str] = None
+  name: str = _field('Required. The label column, or the name of the '
+                     'derived label (`expression`).')
+  task: str = _field('binary, multiclass or regression.', 'binary')
+  values: Optional[List[str]] = _field(
+      'The class names in class-index order (classification without an '
+      '`expression`); other values are rejected.')
+  expression: Optional[str] = _field(
+      'A derived binary or regression label over raw numeric columns, e.g. '
+      '`tips > 0.2 * fare`.')
 
   def validate(self, path):
     if not self.name:
@@ -172,10 +248,14 @@ class LabelConfig:
 
 @dataclasses.dataclass
 class PreprocessingConfig:
-  module: Optional[str] = None
-  max_reject_fraction: float = 0.01
-  # Rows per Arrow record batch: larger batches mean fewer TF calls.
-  batch_size: int = 5000
+  """How tf.Transform runs (the Beam job)."""
+  module: Optional[str] = _field(
+      'A Python file whose `preprocessing_fn` replaces the generated one.')
+  max_reject_fraction: float = _field(
+      'The run (and `estpipe predict`) fails when more of the rows than this '
+      'are rejected, in [0, 1].', 0.01)
+  batch_size: int = _field('Rows per Arrow record batch: larger batches '
+                           'mean fewer TensorFlow calls.', 5000)
 
   def validate(self, path):
     if not 0.0 <= self.max_reject_fraction <= 1.0:
@@ -190,28 +270,41 @@ class PreprocessingConfig:
 @dataclasses.dataclass
 class ModelConfig:
   """Which Estimator to build (see estimators/)."""
-  type: str = 'wide_deep'
-  hidden_units: List[int] = dataclasses.field(
-      default_factory=lambda: [64, 32])
-  embedding_dim: int = 8
-  crosses: List[List[str]] = dataclasses.field(default_factory=list)
-  keras_style: str = 'functional'
-  module: Optional[str] = None
-  learning_rate: float = 0.01
-  dropout: Optional[float] = None
-  optimizer: str = 'adam'
-  # The linear part of `linear` and `wide_deep` (FTRL suits sparse columns).
-  linear_optimizer: str = 'ftrl'
-  linear_learning_rate: float = 0.1
-  # Categorical columns up to this many ids are one-hot in the deep part,
-  # larger ones are embedded with `embedding_dim`.
-  max_indicator_size: int = 16
-  # Hash space of a crossed column (the product of the sizes, capped here).
-  cross_buckets: int = 10000
-  # The wide part also gets bucketized numeric features (see estimators/).
-  wide_numeric_buckets: bool = True
-  # Hash buckets for string features passed through untransformed.
-  string_hash_buckets: int = 1000
+  type: str = _field('baseline, linear, dnn, wide_deep, custom or keras.',
+                     'wide_deep')
+  hidden_units: List[int] = _field('The deep part\'s layer widths.',
+                                   factory=lambda: [64, 32])
+  embedding_dim: int = _field('Embedding width of the deep part\'s larger '
+                              'categorical columns.', 8)
+  crosses: List[List[str]] = _field(
+      'Feature crosses for the wide part, e.g. `[[education, occupation]]`.',
+      factory=list)
+  keras_style: str = _field('model.type keras: sequential, functional or '
+                            'subclassed.', 'functional')
+  module: Optional[str] = _field(
+      'A Python file with your `model_fn` (type custom) or '
+      '`build_keras_model` (type keras).')
+  learning_rate: float = _field('The deep part\'s (and custom and Keras '
+                                'models\') learning rate.', 0.01)
+  dropout: Optional[float] = _field('Dropout rate of the hidden layers, in '
+                                    '[0, 1); unset: none.')
+  optimizer: str = _field('The deep part\'s optimizer: adam, adagrad, ftrl, '
+                          'sgd or rmsprop.', 'adam')
+  linear_optimizer: str = _field(
+      'The optimizer of `linear` and the wide part of `wide_deep` (FTRL '
+      'suits sparse columns).', 'ftrl')
+  linear_learning_rate: float = _field('The learning rate of '
+                                       '`linear_optimizer`.', 0.1)
+  max_indicator_size: int = _field(
+      'Categorical columns up to this many ids are one-hot in the deep '
+      'part, larger ones embedded with `embedding_dim`.', 16)
+  cross_buckets: int = _field('Hash space of a crossed column (the product '
+                              'of the sizes, capped here).', 10000)
+  wide_numeric_buckets: bool = _field(
+      'The wide part also gets bucketized numeric features.', True)
+  string_hash_buckets: int = _field(
+      'Hash buckets of string features passed through untransformed '
+      '(transform identity).', 1000)
 
   def validate(self, path):
     if self.type not in MODEL_TYPES:
@@ -244,24 +337,42 @@ class ModelConfig:
 @dataclasses.dataclass
 class TrainConfig:
   """How to train: steps, batch size, RunConfig and distribution."""
-  steps: Optional[int] = None
-  epochs: Optional[float] = None
-  batch_size: int = 128
-  eval_steps: Optional[int] = None
-  eval_throttle_secs: int = 10
-  save_checkpoints_steps: int = 500
-  keep_checkpoint_max: int = 5
-  log_step_count_steps: int = 100
-  seed: int = 42
-  distribution: str = 'none'
-  num_devices: int = 2
-  early_stopping: Optional[dict] = None
-  learning_rate_schedule: Optional[dict] = None
-  warm_start_from: Optional[str] = None
-  save_summary_steps: int = 100
-  shuffle_buffer: int = 10000
-  # Seconds the continuous evaluator waits before its first evaluation.
-  eval_start_delay_secs: int = 0
+  steps: Optional[int] = _field('Global steps to train to; set this or '
+                                '`epochs`.')
+  epochs: Optional[float] = _field('Passes over the training split, instead '
+                                   'of `steps`.')
+  batch_size: int = _field('Examples per step (global).', 128)
+  eval_steps: Optional[int] = _field('Batches per evaluation; unset: the '
+                                     'whole eval split.')
+  eval_throttle_secs: int = _field('Seconds at least between evaluations.',
+                                   10)
+  save_checkpoints_steps: int = _field('Steps between checkpoints (each is '
+                                       'evaluated and exported).', 500)
+  keep_checkpoint_max: int = _field('Checkpoints kept.', 5)
+  log_step_count_steps: int = _field(
+      'Steps between progress lines (step, loss, examples/sec, a new eval '
+      'result).', 100)
+  seed: int = _field('Random seed of the model and the input shuffling.',
+                     42)
+  distribution: str = _field('none, mirrored, multi_worker_mirrored or '
+                             'parameter_server.', 'none')
+  num_devices: int = _field('mirrored without GPUs: this many logical '
+                            'CPUs.', 2)
+  early_stopping: Optional[dict] = _field(
+      'Stop when an eval metric stops improving (keys below).')
+  learning_rate_schedule: Optional[dict] = _field(
+      'exponential, cosine or piecewise decay of the learning rates (keys '
+      'below).')
+  warm_start_from: Optional[str] = _field(
+      'Another run directory (or its model/) to initialize the variables '
+      'from.')
+  save_summary_steps: int = _field('Steps between TensorBoard summaries.',
+                                   100)
+  shuffle_buffer: int = _field('Examples in the input shuffle buffer.',
+                               10000)
+  eval_start_delay_secs: int = _field(
+      'Seconds the continuous evaluator waits before its first '
+      'evaluation.', 0)
 
   def validate(self, path):
     if self.distribution not in DISTRIBUTIONS:
@@ -339,12 +450,14 @@ def _validate_lr_schedule(spec, path):
 @dataclasses.dataclass
 class ExportConfig:
   """Which SavedModels to export (see serving/)."""
-  exporters: List[str] = dataclasses.field(default_factory=lambda: ['final'])
-  keep: int = 5
-  # The eval metric the best exporter compares (default: loss), and whether
-  # smaller is better (auto: yes for loss/error-like names).
-  best_metric: Optional[str] = None
-  best_mode: str = 'auto'
+  exporters: List[str] = _field(
+      'Exporters run after evaluations: `final`, `latest` (keeps `keep`), '
+      '`best` (by `best_metric`).', factory=lambda: ['final'])
+  keep: int = _field('Exports the `latest` exporter keeps.', 5)
+  best_metric: Optional[str] = _field('The eval metric the `best` exporter '
+                                      'compares; unset: loss.')
+  best_mode: str = _field('min, max, or auto (min for loss/error-like '
+                          'names).', 'auto')
 
   def validate(self, path):
     for i, name in enumerate(self.exporters):
@@ -361,18 +474,40 @@ class ExportConfig:
 
 
 @dataclasses.dataclass
+class PredictConfig:
+  """Batch prediction (`estpipe predict`, see serving/predict.py)."""
+  key_column: Optional[str] = _field(
+      'A column of the data whose value keys each prediction (output `key`) '
+      'instead of `file:line`; a row with an empty key is rejected.')
+
+  def validate(self, path, columns):
+    if self.key_column is None:
+      return
+    if not self.key_column:
+      raise ConfigError(f'{path}.key_column', 'expected a column name')
+    if columns is not None and self.key_column not in columns:
+      raise ConfigError(f'{path}.key_column', f'{self.key_column!r} is not a '
+                        f'column of the data (columns: {", ".join(columns)})')
+
+
+@dataclasses.dataclass
 class Config:
   """The whole pipeline config."""
-  run_dir: str = None
-  data: DataConfig = None
-  features: List[FeatureConfig] = None
-  label: LabelConfig = None
-  name: str = 'estpipe'
-  preprocessing: PreprocessingConfig = dataclasses.field(
-      default_factory=PreprocessingConfig)
-  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-  export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+  run_dir: str = _field('Required. The run directory every stage reads '
+                        'and writes (local or remote).')
+  data: DataConfig = _field('Required. The raw data.')
+  features: List[FeatureConfig] = _field(
+      'Required. The model inputs: one item per raw column.')
+  label: LabelConfig = _field('Required. The prediction target.')
+  name: str = _field('A name for the pipeline.', 'estpipe')
+  preprocessing: PreprocessingConfig = _field(
+      'The tf.Transform job.', factory=PreprocessingConfig)
+  model: ModelConfig = _field('The Estimator.', factory=ModelConfig)
+  train: TrainConfig = _field('Training and evaluation.',
+                              factory=TrainConfig)
+  export: ExportConfig = _field('SavedModel exports.', factory=ExportConfig)
+  predict: PredictConfig = _field('Batch prediction (`estpipe predict`).',
+                                  factory=PredictConfig)
   # Where the YAML file was; relative paths inside it are resolved from here.
   source: Optional[str] = None
 
@@ -396,8 +531,8 @@ class Config:
     self.model.validate('model')
     self.train.validate('train')
     self.export.validate('export')
-    if check_columns:
-      self._check_columns()
+    columns = self._check_columns() if check_columns else None
+    self.predict.validate('predict', columns)
     for i, cross in enumerate(self.model.crosses):
       for name in cross:
         if name not in seen:
@@ -405,10 +540,11 @@ class Config:
                             f'{name!r} is not a feature')
 
   def _check_columns(self):
-    """Features and the label must exist in the data's columns."""
+    """Features and the label must exist in the data's columns; returns
+    those columns (None when the data does not name them: TFRecords)."""
     columns = self.raw_columns()
     if columns is None:
-      return
+      return None
     for i, feature in enumerate(self.features):
       if feature.name not in columns:
         raise ConfigError(f'features[{i}].name', f'{feature.name!r} is not '
@@ -422,6 +558,7 @@ class Config:
     elif self.label.name not in columns:
       raise ConfigError('label.name', f'{self.label.name!r} is not a column '
                         f'of the data (columns: {", ".join(columns)})')
+    return columns
 
   def raw_columns(self):
     """The data's column names: from the config, or a CSV header."""

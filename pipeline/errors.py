@@ -32,6 +32,14 @@ class TooManyRejects(UserError):
   """More rows were rejected than the configured share allows."""
 
 
+def rejects_message(read, rejected, rejects_path):
+  """The line a job that succeeded with rejects logs; None without any."""
+  if not rejected:
+    return None
+  return (f'{rejected} of {read} rows rejected (reasons in '
+          f'{rejects_path})')
+
+
 def check_reject_fraction(read, rejected, limit, rejects_path):
   """Raises TooManyRejects when a job read nothing or rejected too much.
 

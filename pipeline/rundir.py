@@ -18,6 +18,8 @@ another machine or under another runner:
   logs/STAGE.log            each stage's log under `estpipe run`
   .staging/                 work in progress, never read by another stage;
                             .staging/STAGE-ID/CANCELLED: that job was cancelled
+                            .staging/STAGE-ID/OWNER: the host and pid that
+                            staged it (a dead owner's folder is removed)
 """
 
 import os
@@ -100,6 +102,11 @@ class RunDir:
   def cancel_marker(self):
     """In a staging folder: its job was cancelled, publish nothing."""
     return self.path('CANCELLED')
+
+  @property
+  def staging_owner(self):
+    """In a staging folder: who staged it ({host, pid, ...}, JSON)."""
+    return self.path('OWNER')
 
   # Preprocessing publishes these folders together, then the summary.
   PREPROCESS_OUTPUTS = ('transform', 'data', 'rejects')

@@ -44,13 +44,81 @@ def staging_dir(run_dir, stage):
     remove_staging(path)
 
 
-def new_staging(run_dir, stage):
+def new_staging(run_dir, stage, detached=False):
   """Creates RUN_DIR/.staging/STAGE-<id> (for a job that outlives its caller,
-  which removes it with `remove_staging` when done)."""
+  which removes it with `remove_staging` when done).
+
+  The folder records its owner (host, pid), so the next stage to stage
+  something removes it if its process died (SIGKILL) without cleaning up:
+  see `remove_stale_staging`. A `detached` job's folder belongs to the job,
+  not to this process, and is left alone.
+  """
+  remove_stale_staging(run_dir)
   path = os.path.join(RunDir(run_dir).staging,
                       f'{stage}-{uuid.uuid4().hex[:8]}')
   _make_staging(path)
+  owner = {'host': socket.gethostname(), 'pid': os.getpid(),
+           'process_start': _process_start(os.getpid()), 'time': now()}
+  if detached:
+    owner['detached'] = True
+  with fs.open_file(RunDir(path).staging_owner, 'w') as f:
+    f.write(json.dumps(owner, sort_keys=True) + '\n')
   return path
+
+
+def remove_stale_staging(run_dir):
+  """Removes the staging folders of dead processes on this host; returns them.
+
+  A folder is stale when its owner file names this host and a pid that is
+  gone (or reused: the process started at another time). Folders of live
+  processes, of other hosts, of detached jobs, and without an owner file
+  (whose owner cannot be known) stay.
+  """
+  root = RunDir(run_dir).staging
+  if not fs.isdir(root):
+    return []
+  removed = []
+  for name in fs.listdir(root):
+    path = os.path.join(root, name)
+    try:
+      owner = read_json(RunDir(path).staging_owner)
+    except (OSError, ValueError):
+      continue
+    if not _owner_is_gone(owner):
+      continue
+    try:
+      fs.rmtree(path)
+    except OSError:
+      continue  # another process cleaned it first
+    removed.append(path)
+  return removed
+
+
+def _owner_is_gone(owner):
+  if (not isinstance(owner, dict) or owner.get('detached') or
+      owner.get('host') != socket.gethostname()):
+    return False
+  pid = owner.get('pid')
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    pass  # alive, another user's
+  started = owner.get('process_start')
+  return started is not None and _process_start(pid) not in (None, started)
+
+
+def _process_start(pid):
+  """The process's start time in clock ticks since boot (Linux), or None."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      stat = f.read()
+    return int(stat.rsplit(')', 1)[1].split()[19])
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 def remove_staging(path):

@@ -73,9 +73,12 @@ class RowParser:
   Picklable (it holds only plain config data), so Beam workers can use it.
   """
 
-  def __init__(self, config, with_label=True, required=()):
+  def __init__(self, config, with_label=True, required=(), key_column=None):
     self.config = config
     self.with_label = with_label
+    # A column whose text keys the row (batch prediction): it comes last in
+    # a row's values; a row without one is rejected.
+    self.key_column = key_column
     self.columns = [Column(f.name, f.type) for f in config.features]
     # Positions of the features a row must have (an export's required
     # features, for batch prediction and the skew check): a row without
@@ -168,6 +171,8 @@ class RowParser:
     if self.with_label:
       needed += (self.expression.names if self.expression
                  else [self.label_name])
+    if self.key_column:
+      needed.append(self.key_column)
     absent = [n for n in needed if n not in index]
     if absent:
       raise ValueError(f'columns {absent} are not in the header '
@@ -187,7 +192,17 @@ class RowParser:
       label_text = (None if self.expression
                     else fields[index[self.label_name]])
       values.append(self._label(label_text, lookup))
+    if self.key_column:
+      values.append(self._key(fields[index[self.key_column]]))
     return values
+
+  def _key(self, text):
+    """The row's key: its key column's text, which may not be missing."""
+    text = None if text is None else text.strip()
+    if not text or text in self.missing:
+      raise Reject(f'key column {self.key_column!r} is empty',
+                   self.key_column)
+    return text
 
   def read_csv(self, path, header_names=None):
     """Yields (line_number, raw_text, values-or-Reject) for a CSV file."""
@@ -243,6 +258,8 @@ class RowParser:
     if self.with_label:
       values.append(self._label(None if self.expression else
                                 raw(self.label_name), raw))
+    if self.key_column:
+      values.append(self._key(raw(self.key_column)))
     return values
 
   def read_tfrecord(self, path):

@@ -38,7 +38,7 @@ def preprocess(config, beam_args=(), detach=False):
     except Exception as e:
       _raise_outcome(config, stage, e)
   summary = _outcome(config, stage)
-  _log_summary(summary)
+  _log_summary(summary, config.rundir.rejects)
   return summary
 
 
@@ -51,7 +51,7 @@ def _worker_paths(config):
 
 
 def _submit_detached(config, options, target):
-  stage = runrecord.new_staging(config.run_dir, publish.STAGE)
+  stage = runrecord.new_staging(config.run_dir, publish.STAGE, detached=True)
   try:
     result = beam_pipeline.submit(config, stage,
                                   runners.with_staging(options, stage))
@@ -89,12 +89,18 @@ def _raise_outcome(config, stage, error):
   raise error
 
 
-def _log_summary(summary):
+def _log_summary(summary, rejects_path):
   for split, counts in summary['splits'].items():
     _log.info('%s: %d rows read, %d written, %d rejected', split,
               counts['read'], counts['written'], counts['rejected'])
   _log.info('preprocessing took %.1f s on %s', summary['wall_seconds'],
             summary['runner'])
+  message = errors.rejects_message(
+      sum(c['read'] for c in summary['splits'].values()),
+      sum(c['rejected'] for c in summary['splits'].values()),
+      summary.get('rejects_path', rejects_path))
+  if message:
+    _log.info('%s', message)
 
 
 def read_rejects(config):

@@ -11,6 +11,7 @@ import logging
 import os
 
 from pipeline import args as args_lib
+from pipeline import errors
 from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
@@ -197,13 +198,64 @@ def _serve(args):
   if log.level == logging.NOTSET:
     log.setLevel(logging.INFO)
   options = serve_options(args)
+  ports = _ports(options)
+  for what, host, port in ports:
+    _check_port_free(what, host, port)  # before loading any model
   _set_tensorflow_threads(args)
   try:
     server.serve_until_signal(server.ModelServer(
         options, front_ends=(grpc_service.start, rest.start)))
-  except OSError as e:
-    raise UserError(f'cannot start the server: {e}') from None
+  except (OSError, RuntimeError) as e:
+    # Taken between the check and the bind: grpcio raises RuntimeError
+    # ('Failed to bind to address'), asyncio OSError (EADDRINUSE).
+    raise UserError(_bind_error(e, ports)) from None
   return 0
+
+
+def _ports(options):
+  """(front end, host, port) of every port the server will bind."""
+  ports = [('gRPC', options.host, options.grpc_port)]
+  if options.rest_port:
+    ports.append(('REST', options.rest_host or options.host,
+                  options.rest_port))
+  return ports
+
+
+def _check_port_free(what, host, port):
+  """UserError naming the port when it cannot be bound (in use, bad host)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  if not port:
+    return  # 0: a free one is picked
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+  except socket.gaierror as e:
+    raise UserError(f'cannot start the server: {what} host {host!r}: '
+                    f'{e.strerror}') from None
+  family, kind, proto, _, address = infos[0]
+  with socket.socket(family, kind, proto) as probe:
+    # As the servers do: a port only in TIME_WAIT is free.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      probe.bind(address)
+    except OSError as e:
+      why = ('is already in use' if e.errno == errno.EADDRINUSE else
+             f'cannot be bound: {e.strerror}')
+      flag = '--port' if what == 'gRPC' else '--rest_api_port'
+      raise UserError(f'cannot start the server: {what} port {port} on '
+                      f'{host} {why} (choose another with {flag})') from None
+
+
+def _bind_error(error, ports):
+  text = str(error)
+  if isinstance(error, RuntimeError) and 'Failed to bind' not in text:
+    raise error
+  for what, host, port in ports:
+    if port and (f':{port}' in text or f', {port})' in text):
+      return (f'cannot start the server: {what} port {port} on {host} is not '
+              f'available ({text.split(";")[0]})')
+  return f'cannot start the server: {text.split(";")[0]}'
 
 
 def _set_tensorflow_threads(args):
@@ -223,8 +275,8 @@ def _add_predict(subparsers):
   parser = subparsers.add_parser(
       'predict', help='batch prediction over raw files (Beam)',
       description='Raw CSV or tf.Example records in, one prediction per good '
-      'row out (JSON lines or CSV, keyed by file:line), rejected rows in '
-      'OUTPUT.rejects.jsonl. Unknown flags are Beam pipeline options '
+      'row out (JSON lines or CSV, keyed by file:line, or by the column '
+      'predict.key_column names), rejected rows in OUTPUT.rejects.jsonl. Unknown flags are Beam pipeline options '
       '(--runner, --direct_running_mode, ...).')
   args_lib.add_config_args(parser)
   parser.add_argument('--input', required=True,
@@ -253,6 +305,10 @@ def _predict(args):
         output_format=args.output_format, beam_args=args.extra)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e))
+  message = errors.rejects_message(summary['read'], summary['rejected'],
+                                   summary['rejects'])
+  if message:
+    log.info('%s', message)
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 

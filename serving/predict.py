@@ -6,7 +6,9 @@
 
 The export's own parser and transform do the preprocessing, so batch and
 online predictions come from the same graph. A row's key is where it came
-from (`path:line` for CSV, `path:record` for TFRecords). Everything that runs
+from (`path:line` for CSV, `path:record` for TFRecords), or with
+`predict.key_column` that column's text (a row whose key is empty or a
+missing token is rejected with the reason). Everything that runs
 on workers is defined here, in an installed module.
 """
 
@@ -75,7 +77,9 @@ class _ParseRaw(beam.DoFn):
     self._parser = None
 
   def setup(self):
-    self._parser = raw_examples.row_parser(self._config, self._required)
+    self._key_column = self._config.predict.key_column
+    self._parser = raw_examples.row_parser(self._config, self._required,
+                                           self._key_column)
     self._read = Metrics.counter(_NAMESPACE, 'read')
     self._rejected = Metrics.counter(_NAMESPACE, 'rejected')
 
@@ -89,7 +93,11 @@ class _ParseRaw(beam.DoFn):
             'file': path, unit: number, 'field': result.field,
             'reason': result.reason, 'raw': rows_lib.raw_for_json(raw)})
         continue
-      yield f'{path}:{number}', raw_examples.to_example(self._parser, result)
+      if self._key_column:
+        *result, key = result
+      else:
+        key = f'{path}:{number}'
+      yield key, raw_examples.to_example(self._parser, result)
 
 
 def prediction_values(prediction_log, widths):

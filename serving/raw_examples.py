@@ -12,11 +12,13 @@ from pipeline import fs
 from preprocessing import rows as rows_lib
 
 
-def row_parser(config, required=()):
+def row_parser(config, required=(), key_column=None):
   """A parser for raw serving rows: the features, no label needed; a row
   without one of the `required` features (an export's, see
-  serving.export.required_features) is a reject."""
-  return rows_lib.RowParser(config, with_label=False, required=required)
+  serving.export.required_features) is a reject. With `key_column`, the
+  row's key comes last in its values."""
+  return rows_lib.RowParser(config, with_label=False, required=required,
+                            key_column=key_column)
 
 
 def to_example(parser, values):

@@ -116,3 +116,81 @@ def test_missing_input_names_the_pattern(base, tmp_path):
       capture_output=True, text=True, timeout=180)
   assert proc.returncode == 1, proc.stderr
   assert f'no file matches {tmp_path}/nothing-*.csv' in proc.stderr
+
+
+def test_float_vocabulary_is_a_config_error_naming_the_feature(base, tmp_path):
+  # Used to pass the check and crash in tf.Transform ("expected tf.string or
+  # integer but got tf.float32"), naming no feature.
+  base['features'][1].update(transform='vocabulary')
+  base['features'][1].pop('buckets', None)
+  with pytest.raises(ConfigError) as e:
+    load_config(_write(tmp_path, base))
+  assert e.value.path == 'features[1].transform'
+  assert 'hours_per_week is float' in str(e.value)
+  assert 'string or integer' in str(e.value)
+
+
+def _feature_error(feature_type, transform):
+  from pipeline.config import FeatureConfig  # pylint: disable=g-import-not-at-top
+  feature = FeatureConfig(name='x', type=feature_type, transform=transform,
+                          buckets=4)
+  try:
+    feature.validate('features[2]')
+  except ConfigError as e:
+    return e
+  return None
+
+
+# What transform_feature (preprocessing/transform_fn.py) can do with each
+# raw type; test_every_valid_pair_transforms runs each of these.
+WORKS = {
+    'integer': {'z_score', 'scale_0_1', 'bucketize', 'log', 'vocabulary',
+                'hash', 'identity'},
+    'float': {'z_score', 'scale_0_1', 'bucketize', 'log', 'identity'},
+    'string': {'vocabulary', 'hash', 'identity'},
+    'text': {'text'},
+}
+
+
+@pytest.mark.parametrize('feature_type', sorted(WORKS))
+@pytest.mark.parametrize('transform', [
+    'z_score', 'scale_0_1', 'bucketize', 'log', 'vocabulary', 'hash', 'text',
+    'identity'])
+def test_every_type_transform_pair_is_checked(feature_type, transform):
+  error = _feature_error(feature_type, transform)
+  if transform in WORKS[feature_type]:
+    assert error is None, error
+  else:
+    assert error is not None, f'{feature_type} + {transform} passed'
+    assert error.path == 'features[2].transform'
+    assert f'x is {feature_type}' in str(error)
+
+
+def test_config_docs_are_generated_from_the_definitions():
+  """docs/config.md is `python -m pipeline.config_docs`'s output, and it
+  documents every key with its default (model defaults, dropout, ...)."""
+  from pipeline import config_docs  # pylint: disable=g-import-not-at-top
+  text = config_docs.generate()
+  with open(config_docs.DOC_PATH) as f:
+    assert f.read() == text, ('docs/config.md is stale: run '
+                              'python -m pipeline.config_docs')
+  for row in ('| `model.learning_rate` | number | `0.01` |',
+              '| `model.linear_learning_rate` | number | `0.1` |',
+              '| `model.hidden_units` | list of integer | `[64, 32]` |',
+              '| `model.dropout` |', '| `model.cross_buckets` | integer | '
+              '`10000` |', '| `model.string_hash_buckets` | integer | '
+              '`1000` |', '| `predict.key_column` |'):
+    assert row in text, row
+
+
+def test_every_config_key_has_a_doc():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
+  for cls in (config_lib.Config, config_lib.DataConfig,
+              config_lib.FeatureConfig, config_lib.LabelConfig,
+              config_lib.PreprocessingConfig, config_lib.ModelConfig,
+              config_lib.TrainConfig, config_lib.ExportConfig,
+              config_lib.PredictConfig):
+    for field in dataclasses.fields(cls):
+      if field.name != 'source':
+        assert field.metadata.get('doc'), f'{cls.__name__}.{field.name}'

@@ -367,7 +367,9 @@ def test_export_command(census_export, tmp_path, capsys):
       'export', 'history.jsonl', 'model', 'preprocess.json', 'transform']
   history = [json.loads(line) for line in open(run_dir / 'history.jsonl')]
   assert [(h['stage'], h['status']) for h in history] == [
-      ('export', 'failed'), ('export', 'succeeded'), ('export', 'succeeded')]
+      ('export', 'started'), ('export', 'failed'),
+      ('export', 'started'), ('export', 'succeeded'),
+      ('export', 'started'), ('export', 'succeeded')]
 
 
 def test_verify_export_passes(census_export, capsys):

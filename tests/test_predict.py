@@ -167,3 +167,75 @@ def test_predict_on_a_job_service_matches_the_direct_runner(
 def _by_key(path):
   with open(path) as f:
     return {r['key']: r for r in map(json.loads, f)}
+
+
+# --- predict.key_column: a key column of the data carried to the output ----
+
+def _key_config(tmp_path, rows, key_column='id'):
+  """A config over the tiny classifier's features (x, c) and a CSV."""
+  import yaml  # pylint: disable=g-import-not-at-top
+  data = tmp_path / 'rows.csv'
+  data.write_text('id,x,c,label\n' + ''.join(f'{r}\n' for r in rows))
+  tree = {'run_dir': str(tmp_path / 'run'),
+          'data': {'train': str(data), 'header': True},
+          'features': [{'name': 'x', 'type': 'float'},
+                       {'name': 'c', 'type': 'string'}],
+          'label': {'name': 'label', 'values': ['no', 'yes']},
+          'preprocessing': {'max_reject_fraction': 0.5},
+          'predict': {'key_column': key_column}}
+  path = tmp_path / 'config.yaml'
+  path.write_text(yaml.safe_dump(tree))
+  return str(path), str(data)
+
+
+def test_key_column_keys_each_prediction(exports, tmp_path, capsys):
+  rows = ['id-7,0.5,a,yes', 'id-3,0.1,b,no', ',0.2,c,no', 'id-9,0.9,d,yes']
+  config_path, data = _key_config(tmp_path, rows)
+  output = str(tmp_path / 'out.jsonl')
+  code = cli.main(['predict', config_path, '--input', data, '--output',
+                   output, '--export_path', exports['classifier']])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  summary = json.loads(out.out)
+  assert (summary['read'], summary['rejected'], summary['written']) == (
+      4, 1, 3)
+  with open(output) as f:
+    keys = sorted(json.loads(line)['key'] for line in f)
+  assert keys == ['id-3', 'id-7', 'id-9']
+  with open(predict.rejects_path(output)) as f:
+    (reject,) = [json.loads(line) for line in f]
+  assert reject['reason'] == "key column 'id' is empty"
+  assert reject['field'] == 'id' and reject['line'] == 4
+
+
+def test_key_column_must_be_a_column_of_the_data(tmp_path):
+  from pipeline.config import load_config  # pylint: disable=g-import-not-at-top
+  from pipeline.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config_path, _ = _key_config(tmp_path, ['a,0.5,a,yes'], key_column='row_id')
+  with pytest.raises(ConfigError) as e:
+    load_config(config_path)
+  assert e.value.path == 'predict.key_column'
+  assert "'row_id' is not a column of the data" in str(e.value)
+
+
+def test_key_column_of_tf_examples():
+  from pipeline.config import config_from_dict  # pylint: disable=g-import-not-at-top
+  from preprocessing import rows as rows_lib  # pylint: disable=g-import-not-at-top
+  config = config_from_dict({
+      'run_dir': '/unused', 'data': {'train': 'x', 'format': 'tfrecord'},
+      'features': [{'name': 'x', 'type': 'float'}],
+      'label': {'name': 'label', 'values': ['no', 'yes']}},
+                            check_columns=False)
+  parser = raw_examples.row_parser(config, key_column='id')
+
+  def example(**features):
+    return tf.train.Example(features=tf.train.Features(feature={
+        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+        if isinstance(v, bytes) else
+        tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+        for k, v in features.items()})).SerializeToString()
+
+  assert parser.parse_example(example(x=1.5, id=b'k1')) == [1.5, 'k1']
+  for record in (example(x=1.5), example(x=1.5, id=b' ')):
+    with pytest.raises(rows_lib.Reject, match="key column 'id' is empty"):
+      parser.parse_example(record)

@@ -148,10 +148,51 @@ def test_killed_run_leaves_nothing_a_later_stage_would_use(synthetic_csv,
   assert not config.rundir.is_preprocessed()
   assert not os.path.exists(config.rundir.path('data'))
   assert not os.path.exists(config.rundir.transform)
-  # Running again completes, and the leftovers do not get in the way.
+  # Running again completes, and the leftovers do not get in the way:
+  # the killed run's staging folder is removed (its owner is gone).
   run_lib.preprocess(config)
   assert config.rundir.is_preprocessed()
   assert len(read_transformed(config, 'train')['age']) > 3500
+  assert not os.path.exists(config.rundir.staging), os.listdir(
+      config.rundir.staging)
+
+
+def test_stale_staging_of_dead_processes_is_removed(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  folders = {}
+  for name, pid, extra in (('dead', dead.pid, {}),
+                           ('live', os.getpid(), {}),
+                           ('detached', dead.pid, {'detached': True}),
+                           ('elsewhere', dead.pid, {'host': 'other-host'})):
+    path = runrecord.new_staging(run_dir, 'preprocess',
+                                 detached=bool(extra.get('detached')))
+    owner = runrecord.read_json(os.path.join(path, 'OWNER'))
+    owner.update(pid=pid, **extra)
+    runrecord.write_json(os.path.join(path, 'OWNER'), owner)
+    folders[name] = path
+  # Another process's live run in the same run dir keeps its folder.
+  sleeper = subprocess.Popen([sys.executable, '-c',
+                              'import time; time.sleep(60)'])
+  try:
+    runrecord.write_json(os.path.join(folders['live'], 'OWNER'), {
+        'host': runrecord.socket.gethostname(), 'pid': sleeper.pid})
+    legacy = os.path.join(run_dir, '.staging', 'preprocess-legacy')
+    os.makedirs(legacy)  # no owner recorded: left alone
+    new = runrecord.new_staging(run_dir, 'preprocess')
+    left = set(os.listdir(os.path.join(run_dir, '.staging')))
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  assert os.path.basename(folders['dead']) not in left
+  assert {os.path.basename(p) for p in (folders['live'], folders['detached'],
+                                        folders['elsewhere'], legacy, new)
+         } <= left
+  # Once the live run's process is gone, its folder goes too.
+  runrecord.new_staging(run_dir, 'preprocess')
+  assert os.path.basename(folders['live']) not in os.listdir(
+      os.path.join(run_dir, '.staging'))
 
 
 _USER_MODULE = '''
@@ -251,3 +292,38 @@ def test_most_frequent_default_outside_a_vocabulary(synthetic_csv, tmp_path):
   missing = [i for i, r in enumerate(rows) if not r['occupation']]
   assert len(missing) > 100
   assert {out['occupation'][i] for i in missing} == {expected}
+
+
+def test_every_valid_type_transform_pair_transforms(tmp_path):
+  """Each pair the config check lets through runs in tf.Transform."""
+  import tensorflow_transform.beam as tft_beam  # pylint: disable=g-import-not-at-top
+  from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils  # pylint: disable=g-import-not-at-top
+  from pipeline.config import FeatureConfig, TRANSFORM_TYPES  # pylint: disable=g-import-not-at-top
+  from preprocessing import transform_fn  # pylint: disable=g-import-not-at-top
+  dtypes = {'integer': tf.int64, 'float': tf.float32, 'string': tf.string,
+            'text': tf.string}
+  values = {'integer': [1, 2, 3, 2], 'float': [0.5, 1.5, 2.5, 1.5],
+            'string': ['a', 'b', 'a', 'c'],
+            'text': ['a b', 'b c d', 'a', 'd d']}
+  features = [FeatureConfig(name=f'{kind}_{transform}', type=kind,
+                            transform=transform, buckets=2)
+              for transform, kinds in TRANSFORM_TYPES.items()
+              for kind in kinds]
+  spec = {f.name: tf.io.FixedLenFeature([], dtypes[f.type]) for f in features}
+  rows = [{f.name: values[f.type][i] for f in features} for i in range(4)]
+
+  def preprocessing_fn(inputs):
+    outputs = {}
+    for feature in features:
+      outputs.update(transform_fn.transform_feature(feature,
+                                                    inputs[feature.name]))
+    return outputs
+
+  metadata = dataset_metadata.DatasetMetadata(
+      schema_utils.schema_from_feature_spec(spec))
+  with tft_beam.Context(temp_dir=str(tmp_path)):
+    (transformed, _), _ = ((rows, metadata) |
+                           tft_beam.AnalyzeAndTransformDataset(
+                               preprocessing_fn))
+  assert len(transformed) == 4
+  assert {f.name for f in features} <= set(transformed[0])

@@ -465,3 +465,55 @@ def test_cluster_modes_need_a_matching_tf_config(census_run, tmp_path,
   config.train.distribution = 'none'
   with pytest.raises(UserError, match='describes a cluster'):
     runconfig.check_cluster(config)
+
+
+def test_progress_lines_show_each_eval_result_once(tmp_path):
+  from estimators import hooks  # pylint: disable=g-import-not-at-top
+  hook = hooks.ProgressHook(None, 100, 128, str(tmp_path))
+  evals = iter([None, (500, {'auc': 0.9}), (500, {'auc': 0.9}),
+                (500, {'auc': 0.9}), (1000, {'auc': 0.95}),
+                (1000, {'auc': 0.95})])
+  hook._latest_eval = lambda: next(evals)  # pylint: disable=protected-access
+  shown = [hook._eval_text() for _ in range(6)]  # pylint: disable=protected-access
+  assert shown == ['', ' | eval@500: auc 0.9000', '', '',
+                   ' | eval@1000: auc 0.9500', '']
+
+
+def test_every_stage_records_its_start(synthetic_csv, tmp_path):
+  """A killed stage leaves its `started` line: the record shows it ran."""
+  from estimators import commands  # pylint: disable=g-import-not-at-top
+  from tests.conftest import example_config  # pylint: disable=g-import-not-at-top
+  # Not preprocessed: every stage fails early.
+  config = example_config('synthetic', tmp_path / 'run',
+                          f'data.train={synthetic_csv}/data-*.csv')
+  for stage, run in (('train', commands.run_train),
+                     ('evaluate', commands.run_evaluate),
+                     ('export', commands.run_export)):
+    with pytest.raises(UserError):
+      run(config)
+    lines = [(h['stage'], h['status'])
+             for h in runrecord.read_history(config.run_dir)]
+    assert lines[-2:] == [(stage, 'started'), (stage, 'failed')], lines
+
+
+def test_quiet_by_default_hides_tensorflow_and_keras_noise(caplog):
+  """verify-export printed TF's name sanitizing and Keras's deprecation
+  warnings around its few result lines; -v still shows them."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  from estimators import commands  # pylint: disable=g-import-not-at-top
+  commands._quiet_deprecations(False)  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    # absl's logger: what tf.function's name sanitizing logs through.
+    logging.getLogger('absl').warning(
+        '`capital-gain` is not a valid tf.function parameter name. '
+        'Sanitizing to `capital_gain`.')
+    logging.getLogger('tensorflow').warning(
+        'Loading a TF2 SavedModel but eager mode seems disabled.')
+    logging.getLogger('tensorflow').warning('something that matters')
+  assert [r.getMessage() for r in caplog.records] == ['something that matters']
+  with warnings.catch_warnings(record=True) as shown:
+    warnings.warn_explicit('`tf.keras.backend.set_learning_phase` is '
+                           'deprecated', UserWarning, 'backend.py', 452,
+                           module='keras.src.backend')
+  assert not shown
