@@ -14,6 +14,7 @@ import os
 from estimators import cluster
 from estimators import vertex
 from pipeline import fs
+from pipeline import quiet
 from pipeline import rundir
 from pipeline import runrecord
 from pipeline.args import (add_config_args, add_export_choice, chosen_export,
@@ -105,41 +106,6 @@ def _from_stages(name):
   return check
 
 
-def _quiet_deprecations(verbose):
-  """tf.estimator warns on every call that it is deprecated: say it once."""
-  # Progress lines are INFO; keep them whatever the root logger's level is.
-  log.setLevel(logging.INFO)
-  if not verbose:
-    import warnings  # pylint: disable=g-import-not-at-top
-    from tensorflow.python.util import deprecation  # pylint: disable=g-import-not-at-top
-    deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
-    # Keras's own deprecation notices are UserWarnings (set_learning_phase,
-    # Model.state_updates under model_to_estimator): -v shows them.
-    warnings.filterwarnings('ignore', category=UserWarning,
-                            module=r'keras(\.|$)')
-    for name in ('tensorflow', 'absl'):  # TF logs through both
-      logger = logging.getLogger(name)
-      if _TF_NOISE not in logger.filters:
-        logger.addFilter(_TF_NOISE)
-
-
-class _TensorFlowNoise(logging.Filter):
-  """TensorFlow warnings that say nothing to an estpipe user.
-
-  Loading an export with raw features named like Census's columns warns
-  once per dashed name (`capital-gain` ... Sanitizing to `capital_gain`), and
-  every graph-mode load that eager mode is off: verify-export printed more
-  of these than results.
-  """
-  NOISE = ('is not a valid tf.function parameter name',
-           'Loading a TF2 SavedModel but eager mode seems disabled')
-
-  def filter(self, record):
-    message = record.getMessage()
-    return not any(text in message for text in self.NOISE)
-
-
-_TF_NOISE = _TensorFlowNoise()
 
 
 def _train(args):
@@ -152,7 +118,7 @@ def run_train(config, beam_args=(), verbose=False):
   from estimators import runconfig  # pylint: disable=g-import-not-at-top
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import export  # pylint: disable=g-import-not-at-top
-  _quiet_deprecations(verbose)
+  quiet.quiet_tensorflow(verbose)
   chief = runconfig.task_type() in (None, 'chief')
   if chief:
     # A killed run leaves this line without an end: the record shows it.
@@ -268,7 +234,7 @@ def run_evaluate(config, beam_args=(), verbose=False, checkpoint=None,
   """The evaluate stage: metrics of a checkpoint (default: the latest)."""
   del beam_args  # evaluation runs no Beam job
   from estimators import train  # pylint: disable=g-import-not-at-top
-  _quiet_deprecations(verbose)
+  quiet.quiet_tensorflow(verbose)
   runrecord.append_history(config.run_dir, 'evaluate', 'started')
   try:
     result = train.evaluate(config, checkpoint, slices)
@@ -298,7 +264,7 @@ def _export(args):
 def run_export(config, beam_args=(), verbose=False, checkpoint=None):
   """The export stage: one checkpoint (default: the latest) -> a version."""
   del beam_args  # exporting runs no Beam job
-  _quiet_deprecations(verbose)
+  quiet.quiet_tensorflow(verbose)
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import export  # pylint: disable=g-import-not-at-top
   runrecord.append_history(config.run_dir, 'export', 'started')
@@ -327,7 +293,7 @@ def run_verify(config, beam_args=(), verbose=False, path=None, max_rows=None):
   del beam_args  # the check runs in process
   from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import verify  # pylint: disable=g-import-not-at-top
-  _quiet_deprecations(verbose)
+  quiet.quiet_tensorflow(verbose)
   runrecord.append_history(config.run_dir, 'verify-export', 'started',
                            {'export': path})
   try:

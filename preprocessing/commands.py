@@ -5,6 +5,7 @@ import json
 
 from pipeline import args as args_lib
 from pipeline import fs
+from pipeline import quiet
 from pipeline import runrecord
 from pipeline.errors import UserError
 
@@ -27,8 +28,8 @@ def register(subparsers):
 
 
 def run_stage(config, beam_args=(), verbose=False, detach=False):
-  del verbose  # Beam's logs follow the command line's logging setup
   from preprocessing import run  # pylint: disable=g-import-not-at-top
+  quiet.quiet_tensorflow(verbose)
   try:
     summary = run.preprocess(config, beam_args, detach=detach)
   except FileNotFoundError as e:

@@ -12,6 +12,7 @@ import os
 
 from pipeline import args as args_lib
 from pipeline import errors
+from pipeline import quiet
 from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
@@ -295,6 +296,7 @@ def _add_predict(subparsers):
 
 def _predict(args):
   from serving import predict  # pylint: disable=g-import-not-at-top
+  quiet.quiet_tensorflow(args.verbose)
   config = args_lib.config_from_args(args)
   path = args_lib.chosen_export(config, args)
   if '://' not in args.output:

@@ -156,20 +156,15 @@ def _mutate_json(rng, body):
     body = json.loads(json.dumps(body))
     target = body
     for _ in range(rng.randint(0, 3)):
-      if isinstance(target, dict) and target:
-        key = rng.choice(list(target))
-        if isinstance(target[key], (dict, list)) and target[key]:
-          target = target[key]
-          continue
-        target[key] = _odd_value(rng)
+      if not isinstance(target, (dict, list)) or not target:
         break
-      if isinstance(target, list) and target:
-        index = rng.randrange(len(target))
-        if isinstance(target[index], (dict, list)) and target[index]:
-          target = target[index]
-          continue
-        target[index] = _odd_value(rng)
-        break
+      key = (rng.choice(list(target)) if isinstance(target, dict)
+             else rng.randrange(len(target)))
+      if isinstance(target[key], (dict, list)) and target[key]:
+        target = target[key]
+        continue
+      target[key] = _odd_value(rng)
+      break
     return _dumps(body)
   if kind == 1:  # add or replace a top-level key
     body = dict(body)

@@ -501,8 +501,8 @@ def test_quiet_by_default_hides_tensorflow_and_keras_noise(caplog):
   warnings around its few result lines; -v still shows them."""
   import logging  # pylint: disable=g-import-not-at-top
   import warnings  # pylint: disable=g-import-not-at-top
-  from estimators import commands  # pylint: disable=g-import-not-at-top
-  commands._quiet_deprecations(False)  # pylint: disable=protected-access
+  from pipeline import quiet  # pylint: disable=g-import-not-at-top
+  quiet.quiet_tensorflow(False)
   with caplog.at_level(logging.WARNING):
     # absl's logger: what tf.function's name sanitizing logs through.
     logging.getLogger('absl').warning(
@@ -510,6 +510,10 @@ def test_quiet_by_default_hides_tensorflow_and_keras_noise(caplog):
         'Sanitizing to `capital_gain`.')
     logging.getLogger('tensorflow').warning(
         'Loading a TF2 SavedModel but eager mode seems disabled.')
+    logging.getLogger('tensorflow').warning(
+        'Tables initialized inside a tf.function  will be re-initialized')
+    logging.getLogger('apache_beam.io.tfrecordio').warning(
+        "Couldn't find python-snappy so the implementation of ...")
     logging.getLogger('tensorflow').warning('something that matters')
   assert [r.getMessage() for r in caplog.records] == ['something that matters']
   with warnings.catch_warnings(record=True) as shown:
