@@ -42,9 +42,11 @@ def measure(path, mode):
   """One load of `path` in this process; returns its figures."""
   started = time.perf_counter()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.client import session as session_lib  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-import-not-at-top
-  from serving import models, warmup  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.client import session as session_lib
+  from tensorflow.python.saved_model import loader_impl
+  from serving import models, warmup
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
   imports = time.perf_counter() - started
   phases = {}
   loader = loader_impl.SavedModelLoader

@@ -9,7 +9,8 @@ recorded: version 1's own first calls), waits 5 s, publishes version 2
 (copy, then rename) and runs until 8 s after version 2 first answers.
 Prints one JSON line: the time from publishing to version 2 answering, the
 median latency before, the slowest request after publishing, how many took
-over 500 ms, and the eight slowest answers from version 2. `cold` turns warmup off.
+over 500 ms, and the eight slowest answers from version 2. `cold` turns
+warmup off.
 """
 
 import json
