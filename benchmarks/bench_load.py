@@ -3,14 +3,15 @@
   .venv/bin/python benchmarks/bench_load.py RUN_DIR/export/VERSION [--runs 2]
 
 Each run is a fresh process (nothing cached from an earlier load) that loads
-the export as the model server does (serving.models.ServableVersion), with
-the phases of TF's SavedModel loader timed separately: reading the MetaGraph
-(estpipe's own copy, for metadata), the function library and graph import,
-restoring variables, the init op (the tf.Transform vocabulary tables), and
-pruning one function per signature. Then either the export's warmup file is
-replayed (`warmup`) or not (`cold`), and each warmup request is sent once
-(the first call of its signature) and 20 more times (steady state, median).
-Results go to benchmarks/results/load.json.
+the export as the model server does (serving.models.ServableVersion: a TF1
+Session filled by SavedModelLoader.load, one Session.make_callable per
+signature), with the phases timed separately: reading the MetaGraph
+(estpipe's own copy for metadata, and TF's parses of saved_model.pb), graph
+import, restoring variables, the init op (the tf.Transform vocabulary
+tables), and make_callable per signature. Then either the export's warmup
+file is replayed (`warmup`) or not (`cold`), and each warmup request is sent
+once (the first call of its signature) and 20 more times (steady state,
+median). Results go to benchmarks/results/load.json.
 """
 
 import argparse
@@ -41,22 +42,47 @@ def measure(path, mode):
   """One load of `path` in this process; returns its figures."""
   started = time.perf_counter()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.saved_model import load_v1_in_v2  # pylint: disable=g-import-not-at-top
-  from serving import models, warmup  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  from tensorflow.python.client import session as session_lib
+  from tensorflow.python.saved_model import loader_impl
+  from serving import models, warmup
+  # pylint: enable=g-import-not-at-top,g-direct-tensorflow-import
   imports = time.perf_counter() - started
   phases = {}
-  loader = load_v1_in_v2._EagerSavedModelLoader  # pylint: disable=protected-access
+  loader = loader_impl.SavedModelLoader
   _timed(models, '_read_meta_graph', phases, 'read MetaGraph (estpipe)')
-  _timed(load_v1_in_v2.function_deserialization, 'load_function_def_library',
-         phases, 'function library')
+  # SavedModelLoader parses saved_model.pb twice: in __init__ and in load.
+  _timed(loader_impl, 'parse_saved_model', phases, 'read MetaGraph (TF, x2)')
   _timed(loader, 'load_graph', phases, 'graph import')
   _timed(loader, 'restore_variables', phases, 'restore variables')
-  _timed(load_v1_in_v2._Initializer, '_initialize', phases,  # pylint: disable=protected-access
-         'init op (tables)')
-  _timed(loader, '_extract_signatures', phases, 'signature functions')
+  _timed(loader, 'run_init_ops', phases, 'init op (tables)')
+  make_callable = {}  # signature key -> seconds
+  building = []  # the key of the Signature being built
+  original_init = models.Signature.__init__
+  original_make_callable = session_lib.BaseSession.make_callable
+
+  def signature_init(self, key, *args, **kwargs):
+    building.append(key)
+    try:
+      original_init(self, key, *args, **kwargs)
+    finally:
+      building.pop()
+
+  def timed_make_callable(self, *args, **kwargs):
+    started = time.perf_counter()
+    try:
+      return original_make_callable(self, *args, **kwargs)
+    finally:
+      key = building[-1] if building else 'other'
+      make_callable[key] = (make_callable.get(key, 0.0) +
+                            time.perf_counter() - started)
+  models.Signature.__init__ = signature_init
+  session_lib.BaseSession.make_callable = timed_make_callable
   started = time.perf_counter()
   servable = models.ServableVersion('m', 1, path)
   load = time.perf_counter() - started
+  phases[f'make_callable ({len(make_callable)} signatures)'] = sum(
+      make_callable.values())
   phases['other'] = load - sum(phases.values())
   logs = warmup.read(os.path.join(path, warmup.WARMUP_FILE))
   replay = None
@@ -81,7 +107,8 @@ def measure(path, mode):
     steady[key] = statistics.median(times)
   del tf
   return {'mode': mode, 'imports_s': imports, 'load_s': load,
-          'phases_s': phases, 'warmup_replay_s': replay,
+          'phases_s': phases, 'make_callable_s': make_callable,
+          'warmup_replay_s': replay,
           'first_request_s': first, 'steady_request_s': steady}
 
 
