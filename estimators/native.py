@@ -28,8 +28,9 @@ subclassed models unless they have a config) and the whole model
 (model/keras_model/, Keras SavedModel), and the export through
 serving/keras_export.py (handed over by commands.py as `export_fn`).
 
-No tf.estimator, tensorflow_estimator or tf.compat.v1 here (a test reads
-the imports and the source).
+Neither the Estimator API nor TF1's compatibility API is used here, even
+indirectly through estimators/train.py, hooks.py, models.py or heads.py
+(tests/test_native_training.py reads the imports and the source).
 """
 
 import logging

@@ -1,7 +1,7 @@
 """What the Estimator trainer (train.py) and the native Keras trainer
 (native.py) share: the step target and the metrics.json record.
 
-Nothing here touches tf.estimator, so native training can import it.
+Nothing here touches the Estimator API, so native training can import it.
 """
 
 import math
