@@ -285,6 +285,44 @@ def test_regression_trains(regression_run, tmp_path):
                                           'predict', 'raw:predict'}
 
 
+USER_MODULE = '''
+import tensorflow as tf
+
+class Doubler(tf.keras.layers.Layer):
+  def call(self, x):
+    return 2.0 * x
+
+CUSTOM_OBJECTS = {'Doubler': Doubler}
+
+def build_keras_model(config, columns):
+  from estimators import keras_models
+  spec = columns.feature_spec
+  inputs = keras_models.keras_inputs(
+      spec, keras_models.input_names(config, spec))
+  net = tf.keras.layers.DenseFeatures(columns.deep)(inputs)
+  net = tf.keras.layers.Dense(16, activation='relu')(Doubler()(net))
+  out = tf.keras.layers.Dense(1, activation='sigmoid', name='logistic')(net)
+  return tf.keras.Model(inputs, out)
+'''
+
+
+def test_user_module_keras_builder(synthetic_run, tmp_path):
+  """A user's build_keras_model (uncompiled, with a custom layer) trains
+  with keras_fit, and its architecture reloads with its CUSTOM_OBJECTS."""
+  from estimators import native
+  module = tmp_path / 'my_model.py'
+  module.write_text(USER_MODULE)
+  config = _native(synthetic_run, tmp_path / 'run')
+  config = dataclasses.replace(config, model=dataclasses.replace(
+      config.model, module=str(module)))
+  record = _train(config)
+  assert record['metrics']['accuracy'] > _majority(config) + 0.02
+  with open(os.path.join(config.rundir.model, native.ARCHITECTURE)) as f:
+    rebuilt = tf.keras.models.model_from_json(
+        f.read(), custom_objects=native.custom_objects_of(config))
+  assert any(type(layer).__name__ == 'Doubler' for layer in rebuilt.layers)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_and_finishes(synthetic_run, tmp_path):
   """SIGKILL mid-training; the rerun resumes from BackupAndRestore's last
