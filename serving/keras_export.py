@@ -83,7 +83,10 @@ class ServingModule(tf.Module):
   def __init__(self, config, model, predict_fn):
     super().__init__()
     import tensorflow_transform as tft  # pylint: disable=g-import-not-at-top
-    self.model = model
+    # The model's variables, not the Keras model: saving a Keras model
+    # inside traces every layer for Keras's own loader (seconds), which
+    # these signatures do not need.
+    self.model_variables = list(model.variables)
     self.transform = tft.TFTransformOutput(
         config.rundir.transform).transform_features_layer()
     self._config = config
@@ -126,8 +129,15 @@ class ServingModule(tf.Module):
 
 
 def serving_signatures(module, config):
-  """{signature key: concrete function} of the export contract."""
+  """{signature key: concrete function} of the export contract.
+
+  The transform and the model are traced once, as one function of the dense
+  raw inputs that every signature calls; `serving_default` is the same
+  function as the signature it stands for.
+  """
   task = config.label.task
+  core = tf.function(module.predictions,
+                     input_signature=[module.raw_specs()])
 
   def outputs_of(key):
     return lambda predictions: signatures.signature_outputs(
@@ -137,18 +147,24 @@ def serving_signatures(module, config):
     pick = outputs_of(key)
 
     def fn(serialized):
-      return pick(module.predictions(module.parse(serialized)))
+      return pick(core(module.parse(serialized)))
     return tf.function(fn).get_concrete_function(
         tf.TensorSpec([None], tf.string, name=input_name))
 
   result = {}
   result[signatures.PREDICT_SIGNATURE] = on_examples(
       signatures.PREDICT_SIGNATURE, signatures.EXAMPLES_INPUT)
-  for key in signatures.output_sources(task):
-    result[key] = on_examples(key, signatures.CLASSIFY_INPUTS)
+  sources = signatures.output_sources(task)
+  for key in sources:
+    if key != signatures.DEFAULT_SIGNATURE:
+      result[key] = on_examples(key, signatures.CLASSIFY_INPUTS)
+  default = next(key for key, value in sources.items()
+                 if key != signatures.DEFAULT_SIGNATURE and
+                 value == sources[signatures.DEFAULT_SIGNATURE])
+  result[signatures.DEFAULT_SIGNATURE] = result[default]
   predict = outputs_of(signatures.PREDICT_SIGNATURE)
   result[signatures.RAW_SIGNATURE] = tf.function(
-      lambda raw: predict(module.predictions(raw))).get_concrete_function(
+      lambda raw: predict(core(raw))).get_concrete_function(
           module.raw_specs())
   return result
 
