@@ -279,9 +279,23 @@ def train(config, export_fn=None):
   checkpoint = (state['checkpoint'] if state and state.get('finished') else
                 save_model(config, native, step))
   record = trainlib.write_metrics(config, metrics, checkpoint)
-  if export_fn is not None:
+  finished_before = bool(state and state.get('finished'))
+  if export_fn is not None and not (finished_before and
+                                    _exported(config, checkpoint)):
     export_fn(config, native, checkpoint, step, metrics)
   return record
+
+
+def _exported(config, checkpoint):
+  """Whether an export of `checkpoint` exists (a finished run, run again,
+  does not export it twice)."""
+  for version in rundir.list_versions(config.rundir.export):
+    path = config.rundir.version(version)
+    meta_path = os.path.join(path, 'assets.extra', 'estpipe_export.json')
+    if fs.exists(meta_path) and (
+        runrecord.read_json(meta_path).get('checkpoint') == checkpoint):
+      return True
+  return False
 
 
 def _build(native, data):

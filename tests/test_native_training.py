@@ -125,6 +125,10 @@ def test_functional_trains_exports_and_verifies(functional):
   assert history[-1]['summary']['trainer'] == 'keras_fit'
   summary = commands.run_verify(config, max_rows=200)
   assert summary['rows'] == 200
+  # Run again: finished, so evaluated, not trained or exported again.
+  versions = os.listdir(config.rundir.export)
+  assert _train(config)['global_step'] == STEPS
+  assert os.listdir(config.rundir.export) == versions
   assert {'serving_default', 'classification', 'regression', 'predict',
           'raw:predict'} <= set(summary['max_abs_diff'])
 
