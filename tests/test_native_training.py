@@ -241,6 +241,20 @@ def test_saved_model_reloads_in_every_format(functional):
   np.testing.assert_allclose(whole(features).numpy(), expected, rtol=1e-6)
 
 
+def test_export_and_evaluate_commands(functional):
+  from estimators import commands
+  from serving import export
+  config, record = functional
+  path = commands.run_export(config)
+  meta = export.read_metadata(path)
+  assert (meta['exporter'], meta['checkpoint'], meta['global_step']) == (
+      'manual', record['checkpoint'], STEPS)
+  result = commands.run_evaluate(config, checkpoint=str(STEPS))
+  assert result['global_step'] == STEPS
+  assert result['metrics']['accuracy'] == pytest.approx(
+      record['metrics']['accuracy'])
+
+
 @pytest.mark.parametrize('style', ['subclassed'])
 def test_subclassed_trains_and_reloads(synthetic_run, tmp_path, style):
   from estimators import keras_models, native
