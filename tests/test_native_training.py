@@ -416,6 +416,32 @@ def test_native_modules_import_no_estimator():
     assert 'compat.v1' not in source, relative
 
 
+def test_callbacks_from_config(synthetic_csv, tmp_path):
+  """Early stopping in steps becomes epochs of save_checkpoints_steps; the
+  best exporter adds a best-only ModelCheckpoint on its metric."""
+  from estimators import native
+  config = example_config(
+      'synthetic', tmp_path, f'data.train={synthetic_csv}/data-*.csv',
+      'model.type=keras', 'train.trainer=keras_fit', 'train.steps=1000',
+      'train.save_checkpoints_steps=100',
+      'train.early_stopping={metric: auc, mode: max, '
+      'max_steps_without_improvement: 250, min_steps: 300}',
+      'export.exporters=[best, final]', 'export.best_metric=auc')
+  per_epoch = native.steps_per_epoch(config, 1000)
+  assert per_epoch == 100
+  found = {type(c).__name__: c for c in
+           native.callbacks(config, 1000, per_epoch)}
+  assert {'StopAtStep', 'Progress', 'BackupAndRestore', 'ModelCheckpoint',
+          'TensorBoard', 'EarlyStopping'} <= set(found)
+  stop = found['EarlyStopping']
+  assert (stop.monitor, stop.patience, stop.start_from_epoch) == (
+      'val_auc', 3, 3)
+  best = [c for c in native.callbacks(config, 1000, per_epoch)
+          if isinstance(c, tf.keras.callbacks.ModelCheckpoint) and
+          c.save_best_only]
+  assert len(best) == 1 and best[0].monitor == 'val_auc'
+
+
 @pytest.mark.parametrize('overrides, words', [
     (['train.trainer=keras_fit'], 'trains Keras models only'),
     (['train.trainer=keras_fit', 'model.type=dnn'], "'dnn'"),
