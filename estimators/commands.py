@@ -124,7 +124,10 @@ def run_train(config, beam_args=(), verbose=False):
     # A killed run leaves this line without an end: the record shows it.
     runrecord.append_history(config.run_dir, 'train', 'started')
   try:
-    record = train.train(config, export.make_exporters(config))
+    if config.train.trainer == 'estimator':
+      record = train.train(config, export.make_exporters(config))
+    else:
+      record = _train_native(config)
   except BaseException as e:
     if chief and not isinstance(e, KeyboardInterrupt):
       runrecord.append_history(config.run_dir, 'train', 'failed',
@@ -135,11 +138,26 @@ def run_train(config, beam_args=(), verbose=False):
   runrecord.append_history(config.run_dir, 'train', 'succeeded', {
       'global_step': record['global_step'],
       'model_type': record['model_type'],
+      'trainer': config.train.trainer,
       'metrics': _headline(record['metrics'])})
   log.info('trained to step %d: %s (%s)', record['global_step'],
            _format(_headline(record['metrics'])),
            config.rundir.metrics)
   return 0
+
+
+def _train_native(config):
+  """train.trainer keras_fit: estimators/native.py, exported with the
+  serving stage's native export (serving/keras_export.py)."""
+  from estimators import native  # pylint: disable=g-import-not-at-top
+  from serving import keras_export  # pylint: disable=g-import-not-at-top
+
+  def export_fn(config, model, checkpoint, step, metrics):
+    return keras_export.export_keras_model(
+        config, model.model, lambda f: model(f, training=False), checkpoint,
+        step, exporter='final', metrics=metrics)
+
+  return native.train(config, export_fn)
 
 
 def _register_cluster(subparsers):
@@ -237,7 +255,10 @@ def run_evaluate(config, beam_args=(), verbose=False, checkpoint=None,
   quiet.quiet_tensorflow(verbose)
   runrecord.append_history(config.run_dir, 'evaluate', 'started')
   try:
-    result = train.evaluate(config, checkpoint, slices)
+    if config.train.trainer == 'estimator':
+      result = train.evaluate(config, checkpoint, slices)
+    else:
+      result = _evaluate_native(config, checkpoint, slices)
   except Exception as e:
     runrecord.append_history(config.run_dir, 'evaluate', 'failed',
                              {'error': f'{type(e).__name__}: {e}'})
@@ -256,6 +277,16 @@ def run_evaluate(config, beam_args=(), verbose=False, checkpoint=None,
   return result
 
 
+def _evaluate_native(config, checkpoint, slices):
+  from estimators import native  # pylint: disable=g-import-not-at-top
+  if slices:
+    raise UserError(f'--slice is not yet available for train.trainer '
+                    f'{config.train.trainer}')
+  if checkpoint is not None and str(checkpoint).isdigit():
+    checkpoint = os.path.join(config.rundir.model, f'ckpt-{checkpoint}')
+  return native.evaluate(config, checkpoint)
+
+
 def _export(args):
   print(run_export(config_from_args(args), verbose=args.verbose,
                    checkpoint=args.checkpoint))
@@ -269,9 +300,12 @@ def run_export(config, beam_args=(), verbose=False, checkpoint=None):
   from serving import export  # pylint: disable=g-import-not-at-top
   runrecord.append_history(config.run_dir, 'export', 'started')
   try:
-    path = export.export_checkpoint(
-        config, lambda c: train.build_estimator(c, warm_start=False),
-        checkpoint)
+    if config.train.trainer == 'estimator':
+      path = export.export_checkpoint(
+          config, lambda c: train.build_estimator(c, warm_start=False),
+          checkpoint)
+    else:
+      path = _export_native(config, checkpoint)
   except (UserError, FileNotFoundError, ValueError) as e:
     runrecord.append_history(config.run_dir, 'export', 'failed',
                              {'error': str(e)})
@@ -279,6 +313,19 @@ def run_export(config, beam_args=(), verbose=False, checkpoint=None):
   runrecord.append_history(config.run_dir, 'export', 'succeeded',
                            {'path': path})
   return path
+
+
+def _export_native(config, checkpoint):
+  """A natively trained model's weights (default: the final ones) -> a
+  version, with serving/keras_export.py."""
+  from estimators import native  # pylint: disable=g-import-not-at-top
+  from serving import keras_export  # pylint: disable=g-import-not-at-top
+  rundir.require_preprocessed(config.rundir)
+  model, path = native.restore(config, checkpoint)
+  state = native.read_state(config) or {}
+  return keras_export.export_keras_model(
+      config, model.model, lambda f: model(f, training=False), path,
+      state.get('global_step'), exporter='manual')
 
 
 def _verify(args):
@@ -291,13 +338,12 @@ def _verify(args):
 def run_verify(config, beam_args=(), verbose=False, path=None, max_rows=None):
   """The verify-export stage: the skew check of one export (default: newest)."""
   del beam_args  # the check runs in process
-  from estimators import train  # pylint: disable=g-import-not-at-top
   from serving import verify  # pylint: disable=g-import-not-at-top
   quiet.quiet_tensorflow(verbose)
   runrecord.append_history(config.run_dir, 'verify-export', 'started',
                            {'export': path})
   try:
-    summary = verify.verify_export(config, train.predict_transformed, path,
+    summary = verify.verify_export(config, _predictions_fn(config), path,
                                    max_rows=max_rows)
   except (verify.SkewError, ValueError, FileNotFoundError) as e:
     runrecord.append_history(config.run_dir, 'verify-export', 'failed',
@@ -308,6 +354,15 @@ def run_verify(config, beam_args=(), verbose=False, path=None, max_rows=None):
   log.info('export %s verified on %d rows', summary['export'],
            summary['rows'])
   return summary
+
+
+def _predictions_fn(config):
+  """The trainer's predictions on transformed batches, for the skew check."""
+  if config.train.trainer == 'estimator':
+    from estimators import train  # pylint: disable=g-import-not-at-top
+    return train.predict_transformed
+  from estimators import native  # pylint: disable=g-import-not-at-top
+  return native.predict_transformed
 
 
 _HEADLINE = ('accuracy', 'auc', 'precision', 'recall', 'rmse', 'mae',

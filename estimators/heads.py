@@ -9,6 +9,7 @@ Estimators do: the same prediction keys, metrics and signatures
 import tensorflow as tf
 
 from pipeline import signatures
+from serving import keras_export
 
 
 def estimator_spec(config, mode, logits, labels, make_optimizer):
@@ -47,34 +48,10 @@ def _predictions(config, logits):
 
 
 def output_predictions(config, output):
-  """The canned predictions (without logits) of a model's output.
-
-  `output`: the positive class probability [batch, 1] (binary), the class
-  probabilities [batch, n_classes] (multiclass), the value [batch, 1]
-  (regression).
-  """
-  task = config.label.task
-  if task == 'regression':
-    return {signatures.PREDICTIONS: output}
-  if task == 'binary':
-    logistic = output
-    probabilities = tf.concat([1.0 - logistic, logistic], axis=1)
-    predictions = {signatures.LOGISTIC: logistic}
-  else:
-    probabilities = output
-    predictions = {}
-  class_ids = tf.argmax(probabilities, axis=1)
-  names = tf.constant(config.label.vocabulary)
-  batch = tf.shape(probabilities)[0]
-  predictions.update({
-      signatures.PROBABILITIES: probabilities,
-      signatures.CLASS_IDS: tf.expand_dims(class_ids, 1),
-      signatures.CLASSES: tf.expand_dims(tf.gather(names, class_ids), 1),
-      signatures.ALL_CLASS_IDS: tf.tile(
-          tf.expand_dims(tf.range(config.label.n_classes), 0), [batch, 1]),
-      signatures.ALL_CLASSES: tf.tile(tf.expand_dims(names, 0), [batch, 1]),
-  })
-  return predictions
+  """The canned predictions (without logits) of a model's output: one
+  definition for Estimator heads and native Keras exports
+  (serving/keras_export.py)."""
+  return keras_export.output_predictions(config, output)
 
 
 def _export_output(method, outputs):

@@ -11,7 +11,6 @@ categorical features (slices).
 """
 
 import logging
-import math
 import os
 import re
 
@@ -25,15 +24,15 @@ from estimators import inputs
 from estimators import model_record
 from estimators import models
 from estimators import runconfig
+from estimators.trainlib import (METRICS_FILE, to_json, train_steps,  # pylint: disable=unused-import
+                                 write_metrics)
 from pipeline import fs
 from pipeline import rundir
-from pipeline import runrecord
 from pipeline import signatures
 from pipeline.errors import UserError
 
 log = logging.getLogger('estpipe')
 
-METRICS_FILE = 'metrics.json'
 
 
 def load_tft_output(config):
@@ -93,25 +92,6 @@ def warm_start_settings(config):
 
 
 _STEP_COUNTER = re.compile(r'(^global_step$|(^|/)iter(ations)?$)')
-
-
-def train_steps(config):
-  """max_steps from train.steps, or train.epochs over the training split."""
-  if config.train.steps:
-    return config.train.steps
-  if not config.train.epochs:
-    raise UserError('set train.steps or train.epochs')
-  count = _train_example_count(config)
-  return max(1, math.ceil(config.train.epochs * count /
-                          config.train.batch_size))
-
-
-def _train_example_count(config):
-  try:
-    summary = runrecord.read_json(config.rundir.preprocess_summary)
-    return int(summary['splits']['train']['written'])
-  except (OSError, KeyError, TypeError, ValueError):
-    return inputs.count_examples(inputs.data_files(config, 'train'))
 
 
 def train(config, exporters=()):
@@ -182,20 +162,6 @@ def _log_role(config, task, max_steps):
   else:
     log.info('training %s to step %d%s', what, max_steps,
              f' as {task}' if task else '')
-
-
-def write_metrics(config, metrics, checkpoint):
-  record = {'model_type': config.model.type, 'task': config.label.task,
-            'global_step': int(metrics['global_step']),
-            'checkpoint': checkpoint, 'metrics': to_json(metrics)}
-  runrecord.write_json(config.rundir.metrics, record)
-  return record
-
-
-def to_json(metrics):
-  return {k: (v.item() if isinstance(v, np.generic) else v)
-          for k, v in metrics.items()
-          if isinstance(v, (int, float, np.generic))}
 
 
 def predict_transformed(config, checkpoint, batches):

@@ -41,6 +41,9 @@ TASKS = ('binary', 'multiclass', 'regression')
 COMPUTED_DEFAULTS = ('mean', 'most_frequent')
 MODEL_TYPES = ('baseline', 'linear', 'dnn', 'wide_deep', 'custom', 'keras')
 KERAS_STYLES = ('sequential', 'functional', 'subclassed')
+# How `estpipe train` trains: the Estimator, or natively in Keras.
+TRAINERS = ('estimator', 'keras_fit', 'custom_loop')
+NATIVE_TRAINERS = ('keras_fit', 'custom_loop')
 DISTRIBUTIONS = ('none', 'mirrored', 'multi_worker_mirrored',
                  'parameter_server')
 OPTIMIZERS = ('adam', 'adagrad', 'ftrl', 'sgd', 'rmsprop')
@@ -373,8 +376,26 @@ class TrainConfig:
   eval_start_delay_secs: int = _field(
       'Seconds the continuous evaluator waits before its first '
       'evaluation.', 0)
+  trainer: str = _field(
+      'estimator (tf.estimator.train_and_evaluate), or keras_fit: native '
+      'Keras `model.fit` on tf.data, for `model.type: keras` only, exported '
+      'with the same signatures (custom_loop: not yet available).',
+      'estimator')
 
   def validate(self, path):
+    if self.trainer not in TRAINERS:
+      raise ConfigError(f'{path}.trainer', f'expected one of '
+                        f'{", ".join(TRAINERS)}, got {self.trainer!r}')
+    if self.trainer == 'custom_loop':
+      raise ConfigError(f'{path}.trainer', 'custom_loop is not yet '
+                        'available: use estimator or keras_fit')
+    if self.trainer in NATIVE_TRAINERS and self.distribution != 'none':
+      raise ConfigError(f'{path}.trainer', f'{self.trainer} trains on one '
+                        'machine: train.distribution must be none (not yet '
+                        f'{self.distribution})')
+    if self.trainer in NATIVE_TRAINERS and self.warm_start_from:
+      raise ConfigError(f'{path}.trainer', f'{self.trainer} does not warm '
+                        'start yet: leave out train.warm_start_from')
     if self.distribution not in DISTRIBUTIONS:
       raise ConfigError(f'{path}.distribution', f'expected one of '
                         f'{", ".join(DISTRIBUTIONS)}, got '
@@ -530,6 +551,11 @@ class Config:
     self.preprocessing.validate('preprocessing')
     self.model.validate('model')
     self.train.validate('train')
+    if self.train.trainer in NATIVE_TRAINERS and self.model.type != 'keras':
+      raise ConfigError('train.trainer', f'{self.train.trainer} trains Keras '
+                        'models only (model.type keras, built in or from '
+                        f'model.module); model.type is {self.model.type!r}: '
+                        'use train.trainer estimator')
     self.export.validate('export')
     columns = self._check_columns() if check_columns else None
     self.predict.validate('predict', columns)

@@ -160,6 +160,8 @@ def requests_for_signatures(signature_defs, examples, raw_instances):
   from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
   logs = []
   for key in sorted(signature_defs):
+    if key.startswith('__'):
+      continue  # __saved_model_init_op of TF2 SavedModels: no signature
     signature_def = signature_defs[key]
     inputs = signature_def.inputs
     entry = prediction_log_pb2.PredictionLog()
