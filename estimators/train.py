@@ -24,8 +24,7 @@ from estimators import inputs
 from estimators import model_record
 from estimators import models
 from estimators import runconfig
-from estimators.trainlib import (METRICS_FILE, to_json, train_steps,  # pylint: disable=unused-import
-                                 write_metrics)
+from estimators.trainlib import to_json, train_steps, write_metrics
 from pipeline import fs
 from pipeline import rundir
 from pipeline import signatures

@@ -172,3 +172,26 @@ def job_service():
     for process in (service, pool):  # with the workers they started
       os.killpg(process.pid, signal.SIGKILL)
       process.wait()
+
+
+# A user module's Keras builder with a custom layer: test_training wraps it
+# with model_to_estimator, test_native_training trains it natively.
+KERAS_BUILDER = '''
+import tensorflow as tf
+
+class Doubler(tf.keras.layers.Layer):
+  def call(self, x):
+    return 2.0 * x
+
+CUSTOM_OBJECTS = {'Doubler': Doubler}
+
+def build_keras_model(config, columns):
+  from estimators import keras_models
+  spec = columns.feature_spec
+  inputs = keras_models.keras_inputs(
+      spec, keras_models.input_names(config, spec))
+  net = tf.keras.layers.DenseFeatures(columns.deep)(inputs)
+  net = tf.keras.layers.Dense(16, activation='relu')(Doubler()(net))
+  out = tf.keras.layers.Dense(1, activation='sigmoid', name='logistic')(net)
+  return tf.keras.Model(inputs, out)
+'''

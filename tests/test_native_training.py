@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from tests.conftest import ROOT, example_config, preprocessed
+from tests.conftest import KERAS_BUILDER, ROOT, example_config, preprocessed
 from tests.serving_helpers import copy_preprocessed
 
 tf = pytest.importorskip('tensorflow')
@@ -303,25 +303,7 @@ def test_regression_trains(regression_run, tmp_path):
                                           'predict', 'raw:predict'}
 
 
-USER_MODULE = '''
-import tensorflow as tf
-
-class Doubler(tf.keras.layers.Layer):
-  def call(self, x):
-    return 2.0 * x
-
-CUSTOM_OBJECTS = {'Doubler': Doubler}
-
-def build_keras_model(config, columns):
-  from estimators import keras_models
-  spec = columns.feature_spec
-  inputs = keras_models.keras_inputs(
-      spec, keras_models.input_names(config, spec))
-  net = tf.keras.layers.DenseFeatures(columns.deep)(inputs)
-  net = tf.keras.layers.Dense(16, activation='relu')(Doubler()(net))
-  out = tf.keras.layers.Dense(1, activation='sigmoid', name='logistic')(net)
-  return tf.keras.Model(inputs, out)
-'''
+USER_MODULE = KERAS_BUILDER
 
 
 def test_user_module_keras_builder(synthetic_run, tmp_path):

@@ -22,7 +22,7 @@ from pipeline import runrecord
 from pipeline.errors import UserError
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError
-from tests.conftest import EXAMPLES, ROOT, preprocessed
+from tests.conftest import EXAMPLES, KERAS_BUILDER, ROOT, preprocessed
 
 STEPS = 300
 
@@ -361,23 +361,7 @@ def model_fn(features, labels, mode, params, config):
   logits = tf.keras.layers.Dense(1)(net)
   make_optimizer = optimizers.optimizer_fn('adam', 0.01, None)
   return heads.estimator_spec(cfg, mode, logits, labels, make_optimizer)
-
-class Doubler(tf.keras.layers.Layer):
-  def call(self, x):
-    return 2.0 * x
-
-CUSTOM_OBJECTS = {'Doubler': Doubler}
-
-def build_keras_model(config, columns):
-  from estimators import keras_models
-  spec = columns.feature_spec
-  inputs = keras_models.keras_inputs(
-      spec, keras_models.input_names(config, spec))
-  net = tf.keras.layers.DenseFeatures(columns.deep)(inputs)
-  net = tf.keras.layers.Dense(16, activation='relu')(Doubler()(net))
-  out = tf.keras.layers.Dense(1, activation='sigmoid', name='logistic')(net)
-  return tf.keras.Model(inputs, out)
-'''
+''' + KERAS_BUILDER
 
 
 @pytest.mark.parametrize('model_type', ['custom', 'keras'])
