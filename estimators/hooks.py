@@ -3,19 +3,15 @@ that attaches them to any Estimator (canned, custom or Keras)."""
 
 import logging
 import os
-import time
 
 import tensorflow as tf
 # read_eval_metrics is not in the public API of this Estimator release.
 from tensorflow_estimator.python.estimator import early_stopping
 
+from estimators import trainlib
 from pipeline import signatures
 
 log = logging.getLogger('estpipe')
-
-# Eval metrics shown in progress lines, when the model reports them.
-_PROGRESS_METRICS = ('accuracy', 'auc', 'rmse', 'mae', 'average_loss', 'loss')
-
 
 class ProgressHook(tf.estimator.SessionRunHook):
   """Logs step, loss, examples/sec and each new eval result (once).
@@ -25,47 +21,25 @@ class ProgressHook(tf.estimator.SessionRunHook):
 
   def __init__(self, loss, every_n_steps, batch_size, eval_dir):
     self._loss = loss
-    self._every = every_n_steps
-    self._batch_size = batch_size
+    self._lines = trainlib.ProgressLines(every_n_steps, batch_size)
     self._eval_dir = eval_dir
-    self._steps = 0
-    self._last = None
     self._eval_stamp = None
     self._eval_cache = None
-    self._eval_shown = None
 
   def begin(self):
     self._global_step = tf.compat.v1.train.get_global_step()
 
   def before_run(self, run_context):
-    self._steps += 1
-    if self._steps == 1 or self._steps % self._every == 0:
+    if self._lines.count_step():
       return tf.estimator.SessionRunArgs({'loss': self._loss})
     return None
 
   def after_run(self, run_context, run_values):
     if not run_values.results:
       return
-    now = time.time()
     # The step fetched with the train op may be read before its increment.
     step = run_context.session.run(self._global_step)
-    loss = run_values.results['loss']
-    rate = ''
-    if self._last is not None:
-      steps, then = self._steps - self._last[0], self._last[1]
-      rate = f' examples/sec {steps * self._batch_size / (now - then):.0f}'
-    self._last = (self._steps, now)
-    log.info('step %d loss %.4f%s%s', step, loss, rate, self._eval_text())
-
-  def _eval_text(self):
-    """The newest eval result, once: on the first line after it appears."""
-    evals = self._latest_eval()
-    if not evals or evals[0] == self._eval_shown:
-      return ''
-    step, values = evals
-    self._eval_shown = step
-    shown = [f'{k} {values[k]:.4f}' for k in _PROGRESS_METRICS if k in values]
-    return f' | eval@{step}: ' + ', '.join(shown) if shown else ''
+    self._lines.log_step(step, run_values.results['loss'], self._latest_eval())
 
   def _latest_eval(self):
     """(step, metrics) of the newest evaluation; re-read only on change."""

@@ -36,7 +36,6 @@ indirectly through estimators/train.py, hooks.py, models.py or heads.py
 import logging
 import math
 import os
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -59,7 +58,6 @@ STATE_FILE = 'native_state.json'
 H5_WEIGHTS = 'weights.h5'
 ARCHITECTURE = 'model.json'
 WHOLE_MODEL = 'keras_model'
-_PROGRESS_METRICS = ('accuracy', 'auc', 'rmse', 'mae', 'average_loss', 'loss')
 
 
 # --- the model ------------------------------------------------------------------
@@ -139,30 +137,17 @@ class StopAtStep(tf.keras.callbacks.Callback):
 
 
 class Progress(tf.keras.callbacks.Callback):
-  """The Estimator trainer's progress lines (estimators/hooks.py)."""
+  """The Estimator trainer's progress lines (trainlib.ProgressLines)."""
 
   def __init__(self, every_n_steps, batch_size):
     super().__init__()
-    self._every = every_n_steps
-    self._batch_size = batch_size
-    self._steps = 0
-    self._last = None
+    self._lines = trainlib.ProgressLines(every_n_steps, batch_size)
     self._eval = None
-    self._eval_shown = None
 
   def on_train_batch_end(self, batch, logs=None):
-    self._steps += 1
-    if not (self._steps == 1 or self._steps % self._every == 0):
-      return
-    now = time.time()
-    step = int(self.model.optimizer.iterations)
-    rate = ''
-    if self._last is not None:
-      steps, then = self._steps - self._last[0], self._last[1]
-      rate = f' examples/sec {steps * self._batch_size / (now - then):.0f}'
-    self._last = (self._steps, now)
-    log.info('step %d loss %.4f%s%s', step, float((logs or {})['loss']),
-             rate, self._eval_text())
+    if self._lines.count_step():
+      self._lines.log_step(int(self.model.optimizer.iterations),
+                           float((logs or {})['loss']), self._eval)
 
   def on_epoch_end(self, epoch, logs=None):
     values = {k[len('val_'):]: v for k, v in (logs or {}).items()
@@ -171,17 +156,9 @@ class Progress(tf.keras.callbacks.Callback):
       self._eval = (int(self.model.optimizer.iterations), values)
 
   def on_train_end(self, logs=None):
-    text = self._eval_text()
+    text = self._lines.eval_text(self._eval)
     if text:
       log.info('step %d%s', int(self.model.optimizer.iterations), text)
-
-  def _eval_text(self):
-    if not self._eval or self._eval[0] == self._eval_shown:
-      return ''
-    step, values = self._eval
-    self._eval_shown = step
-    shown = [f'{k} {values[k]:.4f}' for k in _PROGRESS_METRICS if k in values]
-    return f' | eval@{step}: ' + ', '.join(shown) if shown else ''
 
 
 def steps_per_epoch(config, max_steps):

@@ -451,14 +451,13 @@ def test_cluster_modes_need_a_matching_tf_config(census_run, tmp_path,
     runconfig.check_cluster(config)
 
 
-def test_progress_lines_show_each_eval_result_once(tmp_path):
-  from estimators import hooks  # pylint: disable=g-import-not-at-top
-  hook = hooks.ProgressHook(None, 100, 128, str(tmp_path))
-  evals = iter([None, (500, {'auc': 0.9}), (500, {'auc': 0.9}),
-                (500, {'auc': 0.9}), (1000, {'auc': 0.95}),
-                (1000, {'auc': 0.95})])
-  hook._latest_eval = lambda: next(evals)  # pylint: disable=protected-access
-  shown = [hook._eval_text() for _ in range(6)]  # pylint: disable=protected-access
+def test_progress_lines_show_each_eval_result_once():
+  # Both trainers' lines (hooks.ProgressHook, native.Progress) come from here.
+  from estimators import trainlib  # pylint: disable=g-import-not-at-top
+  lines = trainlib.ProgressLines(100, 128)
+  evals = [None, (500, {'auc': 0.9}), (500, {'auc': 0.9}),
+           (500, {'auc': 0.9}), (1000, {'auc': 0.95}), (1000, {'auc': 0.95})]
+  shown = [lines.eval_text(e) for e in evals]
   assert shown == ['', ' | eval@500: auc 0.9000', '', '',
                    ' | eval@1000: auc 0.9500', '']
 
