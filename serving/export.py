@@ -148,6 +148,30 @@ def _sparsify(name, values, spec_dtype, missing_tokens, required=False):
   return tf.SparseTensor(indices, kept, tf.stack([batch, 1]))
 
 
+def parse_raw_examples(serialized, spec):
+  """Serialized raw tf.Examples [batch] -> {raw feature: dense [batch]}, an
+  absent value as NaN or '': the inputs of the raw-feature signature."""
+  parsed = tf.io.parse_example(serialized, spec)
+  dense = {}
+  for name in sorted(spec):
+    dtype = spec[name].dtype
+    missing = '' if dtype == tf.string else float('nan')
+    sparse = parsed[name]
+    sparse = tf.SparseTensor(sparse.indices,
+                             tf.cast(sparse.values, raw_input_dtype(dtype)),
+                             sparse.dense_shape)
+    dense[name] = _densify(name, sparse, missing)
+  return dense
+
+
+def sparsify_raw(dense, spec, missing_tokens, required):
+  """Dense raw inputs -> the VarLen SparseTensors preprocessing saw, with
+  the `required` features asserted present."""
+  return {name: _sparsify(name, dense[name], spec[name].dtype,
+                          missing_tokens, required=name in required)
+          for name in sorted(spec)}
+
+
 def _signature_safe(name):
   return re.sub(r'[^A-Za-z0-9_.]', '_', name)
 
@@ -174,21 +198,12 @@ def serving_input_receiver_fn(config):
     gc.collect()
     serialized = tf.compat.v1.placeholder(
         tf.string, [None], name='input_example_tensor')
-    parsed = tf.io.parse_example(serialized, spec)
-    raw_inputs, raw_features = {}, {}
-    for name in sorted(spec):
-      dtype = spec[name].dtype
-      missing = '' if dtype == tf.string else float('nan')
-      sparse = parsed[name]
-      sparse = tf.SparseTensor(sparse.indices,
-                               tf.cast(sparse.values, raw_input_dtype(dtype)),
-                               sparse.dense_shape)
-      dense = _densify(name, sparse, missing)
-      raw = tf.compat.v1.placeholder_with_default(
-          dense, [None], name=f'raw_{_signature_safe(name)}')
-      raw_inputs[name] = raw
-      raw_features[name] = _sparsify(name, raw, dtype, missing_tokens,
-                                     required=name in required)
+    dense = parse_raw_examples(serialized, spec)
+    raw_inputs = {
+        name: tf.compat.v1.placeholder_with_default(
+            dense[name], [None], name=f'raw_{_signature_safe(name)}')
+        for name in sorted(spec)}
+    raw_features = sparsify_raw(raw_inputs, spec, missing_tokens, required)
     # A fresh TFTransformOutput per graph: its cached Keras layer holds
     # resources of the graph it was first called in.
     tft_output = tft.TFTransformOutput(transform_dir)
@@ -281,18 +296,26 @@ def export_saved_model(config, estimator, checkpoint_path=None,
     written = estimator.export_saved_model(
         staging, receiver_fn, checkpoint_path=checkpoint_path)
     written = written.decode() if isinstance(written, bytes) else written
-    runrecord.write_json(os.path.join(written, METADATA_FILE), {
-        'exporter': exporter,
-        'checkpoint': checkpoint_path,
-        'global_step': _global_step(checkpoint_path),
-        'metrics': _plain_metrics(metrics),
-        'raw_features': raw_feature_kinds(config),
-        'required_features': required_features(config),
-        'time': runrecord.now(),
-    })
-    write_warmup_requests(config, written)
-    version, target = _publish_version(written, config.rundir.export)
+    target = publish_export(
+        config, written, exporter=exporter, checkpoint=checkpoint_path,
+        global_step=_global_step(checkpoint_path), metrics=metrics)
   log.info('exported %s (%s) to %s', checkpoint_path, exporter, target)
+  return target
+
+
+def publish_export(config, written, metrics=None, **metadata):
+  """Completes a staged SavedModel, whatever trained it: its estpipe
+  metadata (`metadata` plus the raw features and required features) and
+  warmup requests; then publishes it as the next version. Its path."""
+  runrecord.write_json(os.path.join(written, METADATA_FILE), {
+      **metadata,
+      'metrics': _plain_metrics(metrics),
+      'raw_features': raw_feature_kinds(config),
+      'required_features': required_features(config),
+      'time': runrecord.now(),
+  })
+  write_warmup_requests(config, written)
+  _, target = _publish_version(written, config.rundir.export)
   return target
 
 

@@ -97,11 +97,8 @@ class ServingModule(tf.Module):
 
   def predictions(self, raw_inputs):
     """Dense raw inputs [batch] -> the canned predictions."""
-    raw_features = {
-        name: export._sparsify(  # pylint: disable=protected-access
-            name, raw_inputs[name], self._spec[name].dtype, self._missing,
-            required=name in self._required)
-        for name in sorted(self._spec)}
+    raw_features = export.sparsify_raw(raw_inputs, self._spec, self._missing,
+                                       self._required)
     transformed = self.transform(raw_features)
     features = {k: v for k, v in transformed.items()
                 if k != self._config.label.name}
@@ -110,17 +107,7 @@ class ServingModule(tf.Module):
 
   def parse(self, serialized):
     """Serialized raw tf.Example -> dense raw inputs, as the receiver does."""
-    parsed = tf.io.parse_example(serialized, self._spec)
-    dense = {}
-    for name in sorted(self._spec):
-      dtype = self._spec[name].dtype
-      missing = '' if dtype == tf.string else float('nan')
-      sparse = parsed[name]
-      sparse = tf.SparseTensor(
-          sparse.indices, tf.cast(sparse.values, export.raw_input_dtype(dtype)),
-          sparse.dense_shape)
-      dense[name] = export._densify(name, sparse, missing)  # pylint: disable=protected-access
-    return dense
+    return export.parse_raw_examples(serialized, self._spec)
 
   def raw_specs(self):
     return {name: tf.TensorSpec([None], export.raw_input_dtype(spec.dtype),
@@ -199,17 +186,8 @@ def export_keras_model(config, model, predict_fn, checkpoint, global_step,
     written = os.path.join(staging, 'saved_model')
     tf.saved_model.save(module, written, signatures=fns)
     set_method_names(written, config)
-    runrecord.write_json(os.path.join(written, export.METADATA_FILE), {
-        'exporter': exporter,
-        'trainer': config.train.trainer,
-        'checkpoint': checkpoint,
-        'global_step': global_step,
-        'metrics': export._plain_metrics(metrics),  # pylint: disable=protected-access
-        'raw_features': export.raw_feature_kinds(config),
-        'required_features': export.required_features(config),
-        'time': runrecord.now(),
-    })
-    export.write_warmup_requests(config, written)
-    _, target = export._publish_version(written, config.rundir.export)  # pylint: disable=protected-access
+    target = export.publish_export(
+        config, written, exporter=exporter, trainer=config.train.trainer,
+        checkpoint=checkpoint, global_step=global_step, metrics=metrics)
   log.info('exported %s (%s) to %s', checkpoint, exporter, target)
   return target
