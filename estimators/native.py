@@ -161,6 +161,26 @@ class Progress(tf.keras.callbacks.Callback):
       log.info('step %d%s', int(self.model.optimizer.iterations), text)
 
 
+class TensorBoard(tf.keras.callbacks.TensorBoard):
+  """Keras's TensorBoard callback, writing batch summaries only every
+  `every_n_steps` batches.
+
+  Keras's own runs eager summary ops for every logged value on every batch
+  and lets `update_freq` drop most of them inside: on the Census model that
+  halved keras_fit's examples/sec.
+  """
+
+  def __init__(self, log_dir, every_n_steps):
+    super().__init__(log_dir, update_freq=every_n_steps, profile_batch=0)
+    self._every = every_n_steps
+    self._batches = 0
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._batches += 1
+    if self._batches == 1 or self._batches % self._every == 0:
+      super().on_train_batch_end(batch, logs)
+
+
 def steps_per_epoch(config, max_steps):
   return max(1, min(config.train.save_checkpoints_steps, max_steps))
 
@@ -185,9 +205,7 @@ def callbacks(config, max_steps, per_epoch):
       tf.keras.callbacks.ModelCheckpoint(
           os.path.join(model_dir, 'checkpoints', 'epoch-{epoch:04d}'),
           save_weights_only=True),
-      tf.keras.callbacks.TensorBoard(
-          model_dir, update_freq=config.train.save_summary_steps,
-          profile_batch=0),
+      TensorBoard(model_dir, config.train.save_summary_steps),
   ]
   if 'best' in config.export.exporters:
     metric = config.export.best_metric or 'loss'

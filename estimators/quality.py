@@ -1,12 +1,16 @@
 """Trains every model type on one preprocessed run and tabulates eval quality.
 
   python -m estimators.quality examples/census.yaml [--set key=value ...]
-      [--types linear,wide_deep] [--output quality.json]
+      [--types linear,wide_deep] [--trainers estimator,keras_fit]
+      [--output quality.json]
 
 Each model type trains with the config's `train:` settings in its own
 scratch run directory, RUN_DIR/quality/<type>, that links to RUN_DIR's
 transform and data (RUN_DIR must be preprocessed). Prints accuracy and AUC
-(RMSE and MAE for regression) per type.
+(RMSE and MAE for regression) per type. With `--trainers`, each Keras type also trains with each listed
+`train.trainer` (the premade and `model_fn` types train as Estimators only),
+so the Estimator and the native trainers are compared on the same data and
+steps.
 """
 
 import argparse
@@ -26,7 +30,7 @@ ALL_TYPES = ('baseline', 'linear', 'dnn', 'wide_deep', 'custom',
              'keras:sequential', 'keras:functional', 'keras:subclassed')
 
 
-def scratch_run(config, run_dir, kind):
+def scratch_run(config, run_dir, kind, trainer='estimator'):
   """A copy of `config` training `kind` (type or keras:style) in run_dir.
 
   run_dir is made afresh (an old one is removed) with links to the
@@ -45,15 +49,39 @@ def scratch_run(config, run_dir, kind):
   if style:
     derived.model.keras_style = style
   derived.export.exporters = []
+  derived.train.trainer = trainer
   return derived
 
 
-def scratch_config(config, kind):
-  """`config` training `kind` (type or keras:style) in RUN_DIR/quality/."""
-  derived = scratch_run(
-      config, config.rundir.path('quality', kind.replace(':', '-')), kind)
+def scratch_config(config, kind, trainer='estimator'):
+  """`config` training `kind` (type or keras:style) with `trainer` in
+  RUN_DIR/quality/."""
+  name = kind.replace(':', '-')
+  if trainer != 'estimator':
+    name = f'{name}-{trainer}'
+  derived = scratch_run(config, config.rundir.path('quality', name), kind,
+                        trainer)
   derived.validate(check_columns=False)
   return derived
+
+
+def runs(kinds, trainers):
+  """(kind, trainer) pairs: native trainers train Keras types only."""
+  return [(kind, trainer) for kind in kinds for trainer in trainers
+          if trainer == 'estimator' or kind.startswith('keras')]
+
+
+def train_one(config):
+  """Trains a scratch config with its trainer; returns metrics.json's record."""
+  # pylint: disable=g-import-not-at-top
+  if config.train.trainer == 'estimator':
+    from estimators import train
+    return train.train(config)
+  if config.train.trainer == 'keras_fit':
+    from estimators import native
+    return native.train(config)
+  from estimators import custom_loop
+  return custom_loop.train(config)
 
 
 def main(argv=None):
@@ -61,6 +89,8 @@ def main(argv=None):
   parser.add_argument('config')
   parser.add_argument('--set', dest='overrides', action='append', default=[])
   parser.add_argument('--types', default=','.join(ALL_TYPES))
+  parser.add_argument('--trainers', default='estimator',
+                      help='comma-separated train.trainer values')
   parser.add_argument('--output')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s',
@@ -73,25 +103,29 @@ def main(argv=None):
     config = load_config(args.config, args.overrides)
     train.load_tft_output(config)  # fails early when not preprocessed
     rows = {}
-    for kind in args.types.split(','):
+    for kind, trainer in runs(args.types.split(','),
+                              args.trainers.split(',')):
       start = time.time()
-      record = train.train(scratch_config(config, kind))
-      rows[kind] = dict(record['metrics'], seconds=round(time.time() - start))
+      record = train_one(scratch_config(config, kind, trainer))
+      name = kind if trainer == 'estimator' else f'{kind} {trainer}'
+      rows[name] = dict(record['metrics'],
+                        seconds=round(time.time() - start))
       tf.keras.backend.clear_session()
   except (ConfigError, UserError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   keys = (('rmse', 'mae') if config.label.task == 'regression' else
           ('accuracy', 'auc'))
-  print(f'{"model":18s} ' + ' '.join(f'{k:>9s}' for k in keys) +
+  print(f'{"model":28s} ' + ' '.join(f'{k:>9s}' for k in keys) +
         '    steps  seconds')
   for kind, metrics in rows.items():
-    print(f'{kind:18s} ' + ' '.join(f'{metrics[k]:9.4f}' for k in keys) +
+    print(f'{kind:28s} ' + ' '.join(f'{metrics[k]:9.4f}' for k in keys) +
           f' {metrics["global_step"]:8d} {metrics["seconds"]:8d}')
   if args.output:
     with open(args.output, 'w') as f:
       json.dump({'config': os.path.abspath(args.config),
-                 'overrides': args.overrides, 'results': rows}, f, indent=2)
+                 'overrides': args.overrides,
+                 'trainers': args.trainers.split(','), 'results': rows}, f, indent=2)
   return 0
 
 

@@ -37,7 +37,8 @@ STEPS = 60
 
 def _native(config, run_dir, **train):
   settings = dict(trainer='keras_fit', steps=STEPS, batch_size=64,
-                  save_checkpoints_steps=30, log_step_count_steps=30)
+                  save_checkpoints_steps=30, log_step_count_steps=30,
+                  save_summary_steps=20)
   settings.update(train)
   config = copy_preprocessed(config, run_dir)
   return dataclasses.replace(
@@ -131,6 +132,26 @@ def test_functional_trains_exports_and_verifies(functional):
   assert os.listdir(config.rundir.export) == versions
   assert {'serving_default', 'classification', 'regression', 'predict',
           'raw:predict'} <= set(summary['max_abs_diff'])
+
+
+def _summary_steps(log_dir, tag):
+  steps = set()
+  for name in tf.io.gfile.glob(os.path.join(log_dir, 'events.out.*')):
+    for event in tf.compat.v1.train.summary_iterator(name):
+      if any(value.tag == tag for value in event.summary.value):
+        steps.add(event.step)
+  return steps
+
+
+def test_tensorboard_summaries_every_save_summary_steps(functional):
+  """Batch summaries at train.save_summary_steps (only those batches pay
+  for the summary ops), epoch summaries of train and eval."""
+  config, _ = functional
+  train_dir = os.path.join(config.rundir.model, 'train')
+  assert _summary_steps(train_dir, 'batch_loss') == {20, 40, 60}
+  assert _summary_steps(train_dir, 'epoch_loss') == {0, 1}
+  assert _summary_steps(os.path.join(config.rundir.model, 'validation'),
+                        'epoch_auc') == {0, 1}
 
 
 def test_export_follows_the_contract(functional):
