@@ -17,8 +17,10 @@ into RUN_DIR/export/<version> as every export is.
 classify and regress signatures get their method names afterwards (TF Serving
 and the model server dispatch `:classify` / `:regress` on them).
 
-Raw features whose names are not valid Python identifiers are sanitized by
-`tf.function` ('a-b' becomes input 'a_b' of `raw:predict`).
+Raw features whose names are not valid Python identifiers keep their names
+in the SignatureDef (`raw:predict` input 'a-b', what TF Serving and `estpipe
+serve` read); only Python's `loaded.signatures['raw:predict']` callable takes
+the keyword `a_b`, as `tf.function` sanitizes parameter names.
 
 It never imports estimators/: the trainer hands over `predict_fn`, a
 callable from the transformed features (label removed) to the model's one
